@@ -1,0 +1,71 @@
+/*
+ * sg_internal.h - process-private state and helpers shared by the .c files.
+ * Nothing here is in shared memory (that is sg_layout.h) or public (shmgrid.h).
+ */
+#ifndef SG_INTERNAL_H
+#define SG_INTERNAL_H
+
+#include "shmgrid.h"
+#include "sg_atomic.h"
+#include "sg_layout.h"
+
+/* A process's handle on an attached segment. */
+struct sg_grid {
+    uint8_t *base;     /* mapping of the whole segment; NULL once closed */
+    uint64_t size;     /* bytes mapped */
+    uint64_t self;     /* this process's word (pid | start time) */
+    uint32_t slot;     /* process-table slot held by this handle */
+    int refs;          /* 1 for the grid handle + 1 per object handle */
+    char name[SG_GRID_NAME_MAX_LEN + 1];
+};
+
+/* A process's handle on a map. */
+struct sg_map {
+    sg_grid *g;
+    sg_map_hdr *hdr;
+    uint32_t max_key;
+    uint32_t max_value;
+    /* the table last seen through hdr->table, validated once */
+    uint64_t table_off;
+    sg_slot *slots;
+    uint64_t mask;
+};
+
+/* ---- errors: a per-thread message naming the cause ---- */
+int sg__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- bounds-checked access into the segment ---- */
+static inline void *sg__at(const sg_grid *g, uint64_t off, uint64_t len)
+{
+    if (off < SG_HEAP_OFF || off > g->size || len > g->size - off)
+        return NULL;
+    return g->base + off;
+}
+
+static inline sg_header *sg__hdr(const sg_grid *g) { return (sg_header *)g->base; }
+
+static inline uint64_t sg__class_size(unsigned cls) { return (uint64_t)SG_MIN_BLOCK << cls; }
+
+/* A block at `off`, checked to lie wholly inside the heap. NULL if not. */
+sg_block *sg__block(const sg_grid *g, uint64_t off);
+
+/* ---- heap (heap.c) ---- */
+/* Allocate a block whose payload holds `payload` bytes. On success *off is
+ * its offset and *fresh tells whether it was never used (so still zero).
+ * The caller writes meta with the kind and length. */
+int sg__alloc(sg_grid *g, uint64_t payload, uint64_t *off, int *fresh);
+/* Return a block to its free list. The block must be unreachable for new
+ * readers (unpublished, or its reference already CASed away). */
+void sg__free(sg_grid *g, uint64_t off);
+
+/* ---- processes (segment.c) ---- */
+uint64_t sg__self_word(void);
+int sg__word_alive(uint64_t word);
+
+/* ---- directory (segment.c) ---- */
+typedef int (*sg__create_fn)(sg_grid *g, const uint64_t param[4], uint64_t *obj, void *ctx);
+int sg__dir_open(sg_grid *g, const char *name, uint32_t kind, const uint64_t param[4],
+                 sg__create_fn create, void *ctx, sg_dirent **out);
+int sg__check_name(const char *name, size_t max, const char *what);
+
+#endif /* SG_INTERNAL_H */

@@ -1,0 +1,308 @@
+/*
+ * sg_layout.h - the shared-memory ABI of a shmgrid segment.
+ *
+ * Everything that lives in shared memory is declared here and nowhere else.
+ * Fields are fixed-width, offsets are _Static_assert'ed, and fields written
+ * by different parties sit on different cache lines. A segment holds no
+ * absolute pointer: every reference is a byte offset from the segment base,
+ * 0 meaning "none" (offset 0 is the header, never an object).
+ *
+ * Any change to a struct below changes sg_layout_signature(), so a library
+ * built with a different layout refuses to attach (IncompatibleSegment)
+ * instead of misreading the segment. Bump SG_FORMAT_VERSION when the meaning
+ * of a field changes without its size or place changing.
+ *
+ * Segment map (offsets from the base):
+ *
+ *   0x0000  sg_header         4 KiB   identity, heap break, free lists
+ *   0x1000  sg_dirent[256]   32 KiB   directory of named objects
+ *   0x9000  sg_proc[256]     16 KiB   process table
+ *   0xD000  heap ........... size     blocks: objects, tables, keys, values
+ */
+#ifndef SG_LAYOUT_H
+#define SG_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shmgrid.h"
+
+#define SG_CACHE_LINE 64u
+
+#define SG_MAGIC ((uint64_t)SG_SEGMENT_MAGIC) /* the bytes "SHMGRID\0" read as a little-endian u64 */
+#define SG_FORMAT_VERSION 1u
+
+#define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
+#define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
+#define SG_NCLASSES 32u        /* heap size classes: 32 B << c, c = 0 .. 31 */
+#define SG_MIN_BLOCK 32u
+#define SG_NAME_MAX ((unsigned)SG_NAME_MAX_LEN) /* object names: 1 .. 64 bytes of [A-Za-z0-9._-] */
+
+#define SG_HEADER_OFF 0x0000u
+#define SG_DIR_OFF 0x1000u
+#define SG_PROC_OFF 0x9000u
+#define SG_HEAP_OFF 0xD000u
+
+/* ------------------------------------------------------------------------
+ * Process words.
+ *
+ * A live process is named by one 64-bit word, so that claiming a slot for it
+ * is a single CAS and pid reuse is detected:
+ *
+ *    63 62 61                                     22 21                 0
+ *   +-----+-----------------------------------------+--------------------+
+ *   |  0  |  start time, clock ticks since boot     |        pid         |
+ *   +-----+-----------------------------------------+--------------------+
+ *
+ * pid_max on Linux is at most 2^22; 40 bits of ticks cover 348 years at
+ * 100 Hz. The top two bits stay clear so a directory state can carry a
+ * process word shifted left by two.
+ * ------------------------------------------------------------------------ */
+#define SG_PW_PID_BITS 22u
+#define SG_PW_PID_MASK ((1ull << SG_PW_PID_BITS) - 1)
+#define SG_PW_START_MASK ((1ull << 40) - 1)
+
+/* ------------------------------------------------------------------------
+ * sg_header: offset 0, 4 KiB.
+ *
+ * Cache line 0, identity. Written once by the creator while `ready` is 0,
+ * read by every attacher. The creator writes `creator` first, so an attacher
+ * that finds ready == 0 can tell a creator still at work from a dead one.
+ * ------------------------------------------------------------------------ */
+typedef struct sg_free_list {
+    uint64_t head;   /* tagged top of a Treiber stack of free blocks of this class:
+                        bits 0-39 block offset / 16, bits 40-63 ABA tag.
+                        Written by any allocator (CAS), read by the same. */
+    uint64_t carved; /* blocks of this class ever carved from the break; only grows.
+                        Written by carvers (fetch_add), read by stat/validate. */
+    uint8_t _pad[SG_CACHE_LINE - 16];
+} sg_free_list;
+
+typedef struct sg_header {
+    /* line 0: identity (creator writes before ready; everyone reads) */
+    uint64_t magic;       /* SG_MAGIC, written after every other identity field */
+    uint32_t format;      /* SG_FORMAT_VERSION */
+    uint32_t layout_sig;  /* sg_layout_signature() of the creator's build */
+    uint64_t size;        /* total bytes of the shm object; attach compares with fstat */
+    uint64_t creator;     /* process word of the creator, written first */
+    uint32_t ready;       /* 0 while the creator initializes, 1 after (SYNC POINT: segment-ready) */
+    uint32_t _pad0;
+    uint64_t created_ns;  /* CLOCK_REALTIME at creation, for `shmgrid ls` */
+    uint8_t _pad1[SG_CACHE_LINE - 48];
+
+    /* line 1: heap break. Written by carvers (CAS), read by carvers and stat. */
+    uint64_t brk;         /* offset of the first byte never carved; grows up to heap_end */
+    uint64_t heap_end;    /* == size; immutable */
+    uint8_t _pad2[SG_CACHE_LINE - 16];
+
+    /* lines 2..33: one free list per size class, each on its own line */
+    sg_free_list free[SG_NCLASSES];
+
+    uint8_t _pad3[SG_DIR_OFF - (2 + SG_NCLASSES) * SG_CACHE_LINE];
+} sg_header;
+
+_Static_assert(offsetof(sg_header, magic) == 0, "magic first");
+_Static_assert(offsetof(sg_header, format) == 8, "layout");
+_Static_assert(offsetof(sg_header, layout_sig) == 12, "layout");
+_Static_assert(offsetof(sg_header, size) == 16, "layout");
+_Static_assert(offsetof(sg_header, creator) == 24, "layout");
+_Static_assert(offsetof(sg_header, ready) == 32, "layout");
+_Static_assert(offsetof(sg_header, created_ns) == 40, "layout");
+_Static_assert(offsetof(sg_header, brk) == SG_CACHE_LINE, "heap break on its own line");
+_Static_assert(offsetof(sg_header, free) == 2 * SG_CACHE_LINE, "free lists start on line 2");
+_Static_assert(sizeof(sg_free_list) == SG_CACHE_LINE, "one free list per line");
+_Static_assert(sizeof(sg_header) == SG_DIR_OFF, "header fills 0x0000..0x1000");
+
+/* ------------------------------------------------------------------------
+ * sg_dirent: the directory, SG_DIR_ENTRIES entries of 128 bytes at 0x1000.
+ *
+ * An entry is claimed by CAS on `state` and then filled by its creator;
+ * entries are found by linear probing from hash(name). The state word:
+ *
+ *   EMPTY     0                      free; ends a probe
+ *   CREATING  (process word << 2)|1  claimed by that process, fields in flux;
+ *                                    others wait, or reset it to EMPTY once
+ *                                    that process is seen dead
+ *   READY     2                      fields final (SYNC POINT: dirent-ready)
+ *
+ * Entries never go from READY back to EMPTY, so a probe may stop at EMPTY.
+ * ------------------------------------------------------------------------ */
+#define SG_DIRENT_EMPTY 0ull
+#define SG_DIRENT_READY 2ull
+#define SG_DIRENT_CREATING(pw) (((pw) << 2) | 1ull)
+#define SG_DIRENT_IS_CREATING(s) (((s) & 3ull) == 1ull)
+#define SG_DIRENT_CREATOR(s) ((s) >> 2)
+
+typedef struct sg_dirent {
+    uint64_t state;          /* see above; any process CASes, everyone reads */
+    uint32_t kind;           /* SG_OBJ_*; creator writes before READY */
+    uint32_t name_len;       /* creator writes before READY */
+    char name[SG_NAME_MAX];  /* not NUL-terminated; creator writes before READY */
+    uint64_t obj;            /* offset of the object's header block; creator writes */
+    uint64_t param[4];       /* creation parameters, kind-specific; creator writes */
+    uint64_t _pad;
+} sg_dirent;
+
+_Static_assert(offsetof(sg_dirent, state) == 0, "layout");
+_Static_assert(offsetof(sg_dirent, kind) == 8, "layout");
+_Static_assert(offsetof(sg_dirent, name_len) == 12, "layout");
+_Static_assert(offsetof(sg_dirent, name) == 16, "layout");
+_Static_assert(offsetof(sg_dirent, obj) == 80, "layout");
+_Static_assert(offsetof(sg_dirent, param) == 88, "layout");
+_Static_assert(sizeof(sg_dirent) == 128, "two entries per 256 bytes");
+_Static_assert(SG_DIR_OFF + SG_DIR_ENTRIES * sizeof(sg_dirent) == SG_PROC_OFF, "directory ends where the process table starts");
+
+/* ------------------------------------------------------------------------
+ * sg_proc: the process table, SG_PROC_SLOTS slots of one cache line at 0x9000.
+ *
+ * A process claims a free slot, or the slot of a dead process, by CAS on
+ * `owner` (0 = free) when it attaches, and clears it when it closes. A slot
+ * whose owner is dead (no such pid, or the pid's start time differs, or a
+ * zombie) may be taken over by anyone. It is how shmgrid answers "is that
+ * process dead?" for lock owners, ring claims and `shmgrid stat`.
+ * ------------------------------------------------------------------------ */
+typedef struct sg_proc {
+    uint64_t owner;        /* process word of the attached process; 0 = free.
+                              Attacher CASes it, everyone reads. */
+    uint64_t attached_ns;  /* CLOCK_REALTIME of attach; owner writes, stat reads */
+    uint64_t epoch;        /* reserved: reclamation epoch (map migration) */
+    uint64_t _reserved[5]; /* reserved: ring claims and waits */
+} sg_proc;
+
+_Static_assert(offsetof(sg_proc, owner) == 0, "layout");
+_Static_assert(offsetof(sg_proc, attached_ns) == 8, "layout");
+_Static_assert(offsetof(sg_proc, epoch) == 16, "layout");
+_Static_assert(sizeof(sg_proc) == SG_CACHE_LINE, "one slot per line: owners write their own slot");
+_Static_assert(SG_PROC_OFF + SG_PROC_SLOTS * sizeof(sg_proc) == SG_HEAP_OFF, "process table ends where the heap starts");
+
+/* ------------------------------------------------------------------------
+ * Heap blocks.
+ *
+ * The heap is carved, from `brk` upwards, into blocks of SG_MIN_BLOCK << c
+ * bytes. A block keeps its class for life: it goes back to the free list of
+ * its class and is carved again only as that class. Blocks are 16-byte
+ * aligned (64-byte aligned from 64 bytes up).
+ *
+ *    0               8              16
+ *   +-------+-------+---------------+-------------------------------------+
+ *   | meta          | word          | payload ...                         |
+ *   +---------------+---------------+-------------------------------------+
+ *
+ *   meta  bits 0-7 size class, bits 8-15 kind (SG_BLK_*), bits 32-63 length
+ *         of the payload in bytes
+ *   word  kind-specific: the value's version (VALUE, TOMB), the key's full
+ *         hash (KEY), the next free block's offset (FREE)
+ *
+ * A block is filled before it is published by a release CAS, and never
+ * written again until it is retired (VALUE, TOMB) or forever (KEY, tables,
+ * object headers). Readers of recyclable blocks use sg_copy_out and
+ * re-validate (see sg_atomic.h, SYNC POINT: block-reuse).
+ * ------------------------------------------------------------------------ */
+enum {
+    SG_BLK_FREE = 0,
+    SG_BLK_VALUE = 1,  /* map value: word = version, payload = value bytes */
+    SG_BLK_TOMB = 2,   /* map tombstone: word = version, no payload */
+    SG_BLK_KEY = 3,    /* map key: word = 64-bit hash, payload = key bytes */
+    SG_BLK_TABLE = 4,  /* map slot table */
+    SG_BLK_OBJECT = 5, /* an object header (map, ...) */
+};
+
+typedef struct sg_block {
+    uint64_t meta;
+    uint64_t word;
+    uint64_t payload[]; /* whole words: copies run in 8-byte steps */
+} sg_block;
+
+_Static_assert(sizeof(sg_block) == 16, "block header is two words");
+
+#define SG_BLOCK_HDR 16u
+#define SG_META(cls, kind, len) ((uint64_t)(cls) | ((uint64_t)(kind) << 8) | ((uint64_t)(len) << 32))
+#define SG_META_CLASS(m) ((unsigned)((m) & 0xffu))
+#define SG_META_KIND(m) ((unsigned)(((m) >> 8) & 0xffu))
+#define SG_META_LEN(m) ((uint32_t)((m) >> 32))
+
+/* A tagged offset, used by free-list heads and map value references:
+ * bits 0-39 offset / 16 (segments up to 16 TiB), bits 40-63 a tag that grows
+ * on every successful CAS so a recycled offset never compares equal. */
+#define SG_TAGGED_OFF(t) (((t) & ((1ull << 40) - 1)) << 4)
+#define SG_TAGGED_TAG(t) ((t) >> 40)
+#define SG_TAGGED(tag, off) ((((uint64_t)(tag)) << 40) | ((uint64_t)(off) >> 4))
+#define SG_MAX_SEGMENT (1ull << 44)
+
+/* ------------------------------------------------------------------------
+ * Map.
+ *
+ * The map object header is a heap block (kind OBJECT) whose payload is
+ * sg_map_hdr. It reaches its slot table through `table` (never a fixed
+ * offset), so the table can later be migrated online.
+ * ------------------------------------------------------------------------ */
+typedef struct sg_map_hdr {
+    /* line 0: parameters, written by the creator before the dirent is READY */
+    uint64_t capacity;   /* keys the map promises to hold */
+    uint32_t max_key;    /* bytes */
+    uint32_t max_value;  /* bytes */
+    uint64_t slot_limit; /* slots that may ever be bound: 3/4 of nslots, >= capacity */
+    uint8_t _pad0[SG_CACHE_LINE - 24];
+    /* line 1: table. Creator writes before READY; read by every operation. */
+    uint64_t table;      /* offset of the current sg_table block */
+    uint8_t _pad1[SG_CACHE_LINE - 8];
+    /* line 2: live keys. Writers add after a successful CAS that makes a key
+     * present (+1) or absent (-1); len() reads it. A writer killed between
+     * its CAS and this add leaves it off by one until validate(repair). */
+    uint64_t live;
+    uint8_t _pad2[SG_CACHE_LINE - 8];
+    /* line 3: bound slots. An inserter reserves (+1) before binding a new key
+     * and gives the reservation back if it loses the race to a twin. */
+    uint64_t used;
+    uint8_t _pad3[SG_CACHE_LINE - 8];
+} sg_map_hdr;
+
+_Static_assert(offsetof(sg_map_hdr, capacity) == 0, "layout");
+_Static_assert(offsetof(sg_map_hdr, max_key) == 8, "layout");
+_Static_assert(offsetof(sg_map_hdr, max_value) == 12, "layout");
+_Static_assert(offsetof(sg_map_hdr, slot_limit) == 16, "layout");
+_Static_assert(offsetof(sg_map_hdr, table) == SG_CACHE_LINE, "table on its own line");
+_Static_assert(offsetof(sg_map_hdr, live) == 2 * SG_CACHE_LINE, "live count on its own line");
+_Static_assert(offsetof(sg_map_hdr, used) == 3 * SG_CACHE_LINE, "used count on its own line");
+_Static_assert(sizeof(sg_map_hdr) == 4 * SG_CACHE_LINE, "layout");
+
+/*
+ * Slot table: a block (kind TABLE) whose payload starts with sg_table_hdr
+ * and continues with nslots 16-byte slots, so the slots start 64 bytes into
+ * the block (the block is 64-byte aligned).
+ *
+ *   slot:  0              8             16
+ *          +--------------+--------------+
+ *          | head         | ref          |
+ *          +--------------+--------------+
+ *
+ *   head  0 = EMPTY. Otherwise bits 48-63 the top 16 bits of the key's hash,
+ *         bits 0-47 the key block's offset / 16. Bound once by CAS from 0
+ *         (SYNC POINT: key-publish) and never changed again: two inserters
+ *         of one key always meet on the same slot.
+ *   ref   0 = never written (absent, version 0). Otherwise a tagged offset
+ *         (SG_TAGGED) of the current VALUE or TOMB block; every change is a
+ *         CAS that bumps the tag (SYNC POINT: value-publish).
+ */
+typedef struct sg_table_hdr {
+    uint64_t nslots;     /* power of two; immutable */
+    uint64_t generation; /* 1 for the first table; reserved for migration */
+    uint64_t _pad[4];
+} sg_table_hdr;
+
+typedef struct sg_slot {
+    uint64_t head;
+    uint64_t ref;
+} sg_slot;
+
+_Static_assert(sizeof(sg_table_hdr) == 48, "slots start at block + 64");
+_Static_assert(sizeof(sg_slot) == 16, "four slots per cache line");
+
+#define SG_HEAD(hash, off) (((hash) & 0xffff000000000000ull) | ((uint64_t)(off) >> 4))
+#define SG_HEAD_OFF(h) (((h) & 0x0000ffffffffffffull) << 4)
+#define SG_HEAD_TAG(h) ((h) >> 48)
+
+/* object kinds, stored in sg_dirent.kind */
+enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1 };
+
+#endif /* SG_LAYOUT_H */

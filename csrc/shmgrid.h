@@ -1,0 +1,158 @@
+/*
+ * shmgrid.h - the public C interface of the shmgrid core.
+ *
+ * The region between the CDEF markers is read verbatim by the cffi build
+ * script (shmgrid/_build.py), so it holds only what cffi's parser accepts:
+ * integer #defines, typedefs and prototypes. Everything else stays outside.
+ *
+ * Conventions:
+ *   - Functions return SG_OK (0) on success, SG_NO (1) for a well-defined
+ *     "no" (key absent, CAS lost to a different value), and a negative SG_E*
+ *     code on error. After an error, sg_errmsg() gives a message for the
+ *     calling thread that names the limit or the cause.
+ *   - Handles (sg_grid, sg_map) are private to the process that made them.
+ *     A handle may be used by several threads at once; sg_grid_close must not
+ *     race with other calls on the same grid (the mapping goes away).
+ *   - Nothing is ever unlinked implicitly: only sg_grid_unlink removes a
+ *     segment name.
+ */
+#ifndef SHMGRID_H
+#define SHMGRID_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF BEGIN */
+#define SG_OK 0
+#define SG_NO 1
+#define SG_EINVAL -1
+#define SG_ENOENT -2
+#define SG_EEXIST -3
+#define SG_EACCES -4
+#define SG_EINCOMPAT -5
+#define SG_ECORRUPT -6
+#define SG_EKEYSIZE -7
+#define SG_EVALSIZE -8
+#define SG_EFULL -9
+#define SG_ENOMEM -10
+#define SG_ECLOSED -11
+#define SG_EMISMATCH -12
+#define SG_ENOTINT -13
+#define SG_EOVERFLOW -14
+#define SG_EDIRFULL -15
+#define SG_EPROCFULL -16
+#define SG_ESYS -17
+#define SG_EBUSY -18
+#define SG_ENAME -19
+
+#define SG_SEGMENT_MAGIC 0x00444952474d4853
+#define SG_DIR_SIZE 256
+#define SG_PROC_TABLE_SIZE 256
+#define SG_NAME_MAX_LEN 64
+#define SG_GRID_NAME_MAX_LEN 200
+#define SG_MIN_GRID_SIZE 1048576
+#define SG_MAX_KEY_LIMIT 65536
+#define SG_MAX_VALUE_LIMIT 268435456
+#define SG_KIND_MAP 1
+#define SG_DEFAULT_GRID_SIZE 268435456
+#define SG_DEFAULT_CAPACITY 65536
+#define SG_DEFAULT_MAX_KEY 256
+#define SG_DEFAULT_MAX_VALUE 4096
+
+typedef struct sg_grid sg_grid;
+typedef struct sg_map sg_map;
+
+typedef struct sg_grid_info {
+    uint64_t size;         /* bytes of the segment */
+    uint64_t heap_start;   /* offset where the heap begins */
+    uint64_t heap_brk;     /* offset of the first byte never carved */
+    uint64_t created_ns;   /* CLOCK_REALTIME at creation */
+    uint32_t format;
+    uint32_t layout_sig;
+    uint32_t objects;      /* READY directory entries */
+    uint32_t procs_live;   /* process-table slots held by live processes */
+    uint32_t procs_dead;   /* slots still naming a dead process */
+    uint32_t proc_slot;    /* this handle's slot */
+} sg_grid_info;
+
+typedef struct sg_object_info {
+    uint32_t kind;         /* SG_KIND_*; 0 for an unused entry */
+    uint32_t state;        /* 0 empty, 1 being created, 2 ready */
+    char name[65];         /* NUL-terminated */
+    uint64_t param[4];     /* creation parameters (map: capacity, max_key, max_value) */
+} sg_object_info;
+
+typedef struct sg_proc_info {
+    uint32_t pid;          /* 0 for a free slot */
+    uint32_t alive;        /* 1 if that process (pid and start time) still runs */
+    uint64_t start_ticks;  /* process start time, clock ticks since boot */
+    uint64_t attached_ns;
+} sg_proc_info;
+
+typedef struct sg_heap_report {
+    uint64_t carved_bytes;     /* bytes carved from the heap break */
+    uint64_t free_bytes;       /* bytes in blocks on the free lists */
+    uint64_t free_blocks;
+    uint64_t heap_bytes;       /* bytes between heap start and heap end */
+    int32_t error;             /* SG_OK, or SG_ECORRUPT with sg_errmsg() set */
+} sg_heap_report;
+
+typedef struct sg_map_report {
+    uint64_t capacity;
+    uint64_t nslots;
+    uint64_t slot_limit;
+    uint64_t used;             /* bound slots as counted by inserters */
+    uint64_t bound;            /* bound slots found by the walk */
+    uint64_t live;             /* keys present, found by the walk */
+    uint64_t tombstones;       /* keys deleted (slot still bound) */
+    int64_t live_counter;      /* what len() reports */
+    uint64_t block_bytes;      /* bytes of reachable blocks: header, keys, values, tombstones */
+    uint64_t table_bytes;
+    uint64_t generation;
+    uint32_t max_key;
+    uint32_t max_value;
+    int32_t error;             /* SG_OK, or SG_ECORRUPT with sg_errmsg() set */
+} sg_map_report;
+
+const char *sg_errmsg(void);
+uint32_t sg_layout_signature(void);
+uint64_t sg_hash64(const char *data, size_t len);
+
+int sg_grid_create(const char *name, uint64_t size, uint32_t mode, sg_grid **out);
+int sg_grid_attach(const char *name, sg_grid **out);
+void sg_grid_close(sg_grid *g);
+void sg_grid_free(sg_grid *g);
+int sg_grid_unlink(const char *name);
+int sg_grid_after_fork(sg_grid *g);
+int sg_grid_is_closed(sg_grid *g);
+int sg_grid_info_get(sg_grid *g, sg_grid_info *out);
+int sg_grid_object(sg_grid *g, uint32_t index, sg_object_info *out);
+int sg_grid_proc(sg_grid *g, uint32_t index, sg_proc_info *out);
+int sg_grid_validate(sg_grid *g, sg_heap_report *out);
+int sg_pid_alive(uint32_t pid, uint64_t start_ticks);
+
+int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_key,
+                uint32_t max_value, sg_map **out);
+void sg_map_free(sg_map *m);
+int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value);
+int sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t cap,
+               size_t *len, uint64_t *version);
+int sg_map_put(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen,
+               uint64_t *version);
+int sg_map_put_if_absent(sg_map *m, const char *key, size_t klen, const char *val,
+                         size_t vlen, uint64_t *version);
+int sg_map_replace(sg_map *m, const char *key, size_t klen, const char *expected,
+                   size_t elen, const char *val, size_t vlen, uint64_t *version);
+int sg_map_compare_and_set(sg_map *m, const char *key, size_t klen, uint64_t expected_version,
+                           const char *val, size_t vlen, uint64_t *version);
+int sg_map_delete(sg_map *m, const char *key, size_t klen, char *out, size_t cap,
+                  size_t *len, uint64_t *version);
+int sg_map_incr(sg_map *m, const char *key, size_t klen, int64_t delta, int64_t *result,
+                uint64_t *version);
+int64_t sg_map_len(sg_map *m);
+int sg_map_next(sg_map *m, uint64_t *cursor, char *kout, size_t kcap, size_t *klen,
+                char *vout, size_t vcap, size_t *vlen, uint64_t *version);
+int sg_map_validate(sg_map *m, int repair, sg_map_report *out);
+/* CDEF END */
+
+#endif /* SHMGRID_H */

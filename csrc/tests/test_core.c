@@ -1,0 +1,189 @@
+/*
+ * test_core.c - C unit tests of the segment, heap and map.
+ *
+ * Built and run by tests/test_c.py twice: with -Werror, and under
+ * AddressSanitizer + UndefinedBehaviorSanitizer. Usage: test_core GRIDNAME
+ * (the grid is created, used and unlinked). Exit status 0 = all passed.
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../shmgrid.h"
+
+static int failures;
+
+#define CHECK(cond)                                                                                          \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
+                    sg_errmsg());                                                                            \
+            failures++;                                                                                      \
+        }                                                                                                    \
+    } while (0)
+
+static void test_names(void)
+{
+    sg_grid *g;
+    CHECK(sg_grid_create("", 1 << 20, 0600, &g) == SG_ENAME);
+    CHECK(sg_grid_create("a/b", 1 << 20, 0600, &g) == SG_ENAME);
+    CHECK(sg_grid_create("..", 1 << 20, 0600, &g) == SG_ENAME);
+    CHECK(sg_grid_attach("sg-test-does-not-exist", &g) == SG_ENOENT);
+    CHECK(sg_hash64("abc", 3) == sg_hash64("abc", 3));
+    CHECK(sg_hash64("abc", 3) != sg_hash64("abd", 3));
+}
+
+static void test_map_basic(sg_grid *g)
+{
+    sg_map *m;
+    char out[64];
+    size_t len;
+    uint64_t v;
+    int64_t r;
+
+    CHECK(sg_map_open(g, "basic", 100, 16, 32, &m) == SG_OK);
+    CHECK(sg_map_get(m, "k", 1, out, sizeof out, &len, &v) == SG_NO);
+    CHECK(sg_map_put(m, "k", 1, "hello", 5, &v) == SG_OK && v == 1);
+    CHECK(sg_map_get(m, "k", 1, out, sizeof out, &len, &v) == SG_OK && len == 5 && v == 1 &&
+          memcmp(out, "hello", 5) == 0);
+    CHECK(sg_map_put(m, "k", 1, "world!", 6, &v) == SG_OK && v == 2);
+    CHECK(sg_map_put_if_absent(m, "k", 1, "x", 1, &v) == SG_NO && v == 2);
+    CHECK(sg_map_replace(m, "k", 1, "nope", 4, "y", 1, &v) == SG_NO);
+    CHECK(sg_map_replace(m, "k", 1, "world!", 6, "y", 1, &v) == SG_OK && v == 3);
+    CHECK(sg_map_compare_and_set(m, "k", 1, 2, "z", 1, &v) == SG_NO && v == 3);
+    CHECK(sg_map_compare_and_set(m, "k", 1, 3, "z", 1, &v) == SG_OK && v == 4);
+    CHECK(sg_map_len(m) == 1);
+    CHECK(sg_map_delete(m, "k", 1, out, sizeof out, &len, &v) == SG_OK && v == 5 && len == 1 && out[0] == 'z');
+    CHECK(sg_map_delete(m, "k", 1, NULL, 0, NULL, &v) == SG_NO);
+    CHECK(sg_map_len(m) == 0);
+    CHECK(sg_map_get(m, "k", 1, out, sizeof out, &len, &v) == SG_NO && v == 5);
+    /* a re-insert continues the version past the tombstone */
+    CHECK(sg_map_compare_and_set(m, "k", 1, 0, "n", 1, &v) == SG_OK && v == 6);
+    CHECK(sg_map_incr(m, "c", 1, 5, &r, &v) == SG_OK && r == 5 && v == 1);
+    CHECK(sg_map_incr(m, "c", 1, -7, &r, &v) == SG_OK && r == -2 && v == 2);
+    CHECK(sg_map_incr(m, "k", 1, 1, &r, &v) == SG_ENOTINT);
+    CHECK(sg_map_incr(m, "c", 1, INT64_MAX, &r, &v) == SG_OK && r == INT64_MAX - 2);
+    CHECK(sg_map_incr(m, "c", 1, 3, &r, &v) == SG_EOVERFLOW);
+    /* limits: nothing written */
+    char big[64] = {0};
+    CHECK(sg_map_put(m, big, 17, "v", 1, &v) == SG_EKEYSIZE);
+    CHECK(sg_map_put(m, "k2", 2, big, 33, &v) == SG_EVALSIZE);
+    CHECK(sg_map_get(m, "k2", 2, out, sizeof out, &len, &v) == SG_NO);
+    /* iteration sees the live keys */
+    uint64_t cursor = 0;
+    int seen = 0;
+    char kb[16];
+    size_t kl, vl;
+    while (sg_map_next(m, &cursor, kb, sizeof kb, &kl, out, sizeof out, &vl, &v) == SG_OK)
+        seen++;
+    CHECK(seen == 2);
+    sg_map_report rep;
+    CHECK(sg_map_validate(m, 0, &rep) == SG_OK && rep.live == 2 && rep.live_counter == 2);
+    /* re-declaration with other parameters is refused; 0 takes what exists */
+    sg_map *m2;
+    CHECK(sg_map_open(g, "basic", 200, 16, 32, &m2) == SG_EMISMATCH);
+    CHECK(sg_map_open(g, "basic", 0, 0, 0, &m2) == SG_OK);
+    CHECK(sg_map_len(m2) == 2);
+    sg_map_free(m2);
+    sg_map_free(m);
+}
+
+static void test_full(sg_grid *g)
+{
+    sg_map *m;
+    uint64_t v;
+    char key[16];
+    int rc = SG_OK, n = 0;
+    CHECK(sg_map_open(g, "small", 10, 16, 16, &m) == SG_OK);
+    for (n = 0; n < 1000 && rc == SG_OK; n++) {
+        int kl = snprintf(key, sizeof key, "k%d", n);
+        rc = sg_map_put(m, key, (size_t)kl, "v", 1, &v);
+    }
+    CHECK(rc == SG_EFULL);
+    CHECK(n - 1 >= 10); /* at least `capacity` keys fit */
+    sg_map_report rep;
+    CHECK(sg_map_validate(m, 0, &rep) == SG_OK && rep.live == (uint64_t)(n - 1));
+    sg_map_free(m);
+}
+
+/* Several processes increment shared counters; the totals must be exact. */
+static void test_multiprocess_incr(sg_grid *g, const char *gridname)
+{
+    enum { PROCS = 4, ITERS = 20000, KEYS = 8 };
+    sg_map *m;
+    CHECK(sg_map_open(g, "counters", 64, 16, 16, &m) == SG_OK);
+    for (int p = 0; p < PROCS; p++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            sg_grid *cg;
+            sg_map *cm;
+            int64_t r;
+            if (sg_grid_attach(gridname, &cg) || sg_map_open(cg, "counters", 0, 0, 0, &cm))
+                _exit(2);
+            for (int i = 0; i < ITERS; i++) {
+                char k = (char)('a' + (i % KEYS));
+                if (sg_map_incr(cm, &k, 1, 1, &r, NULL) != SG_OK)
+                    _exit(3);
+                /* churn values of another key so freed blocks are recycled under readers */
+                char buf[16];
+                size_t len;
+                sg_map_put(cm, "churn", 5, (const char *)&i, sizeof i, NULL);
+                sg_map_get(cm, "churn", 5, buf, sizeof buf, &len, NULL);
+            }
+            sg_map_free(cm);
+            sg_grid_free(cg);
+            _exit(0);
+        }
+    }
+    for (int p = 0; p < PROCS; p++) {
+        int st;
+        wait(&st);
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
+    int64_t total = 0;
+    for (int k = 0; k < KEYS; k++) {
+        char key = (char)('a' + k), out[8];
+        size_t len;
+        CHECK(sg_map_get(m, &key, 1, out, sizeof out, &len, NULL) == SG_OK && len == 8);
+        int64_t val;
+        memcpy(&val, out, 8);
+        total += val;
+    }
+    CHECK(total == (int64_t)PROCS * ITERS);
+    sg_map_report rep;
+    CHECK(sg_map_validate(m, 0, &rep) == SG_OK);
+    sg_heap_report hr;
+    CHECK(sg_grid_validate(g, &hr) == SG_OK);
+    sg_map_free(m);
+}
+
+int main(int argc, char **argv)
+{
+    const char *name = argc > 1 ? argv[1] : "sg-c-test";
+    sg_grid *g;
+    sg_grid_unlink(name);
+    test_names();
+    CHECK(sg_grid_create(name, 8 << 20, 0600, &g) == SG_OK);
+    sg_grid *twin;
+    CHECK(sg_grid_create(name, 8 << 20, 0600, &twin) == SG_EEXIST);
+    test_map_basic(g);
+    test_full(g);
+    test_multiprocess_incr(g, name);
+    sg_grid_info info;
+    CHECK(sg_grid_info_get(g, &info) == SG_OK && info.objects == 3 && info.procs_live >= 1);
+    sg_grid_close(g);
+    sg_map *m;
+    CHECK(sg_map_open(g, "basic", 0, 0, 0, &m) == SG_ECLOSED);
+    sg_grid_free(g);
+    CHECK(sg_grid_unlink(name) == SG_OK);
+    CHECK(sg_grid_unlink(name) == SG_ENOENT);
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_core: all checks passed\n");
+    return 0;
+}

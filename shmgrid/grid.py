@@ -1,0 +1,327 @@
+"""Grid: one POSIX shared-memory segment holding named objects.
+
+Lifecycle, written down (as posix_ipc and py-lmdb do):
+
+- ``Grid.create`` makes the segment (mode 0600 unless told otherwise) and
+  fails if the name exists; ``Grid.attach`` opens an existing one;
+  ``Grid.open`` does whichever applies.
+- ``close()`` unmaps the segment and frees this process's slot in the
+  segment's process table. Objects taken from a closed grid raise
+  :class:`~shmgrid.Closed`. Do not close a grid while another thread of the
+  same process is inside a call on it.
+- Nothing is ever unlinked implicitly, not by close() and not by garbage
+  collection: only ``Grid.unlink(name)`` / ``grid.unlink()`` removes the name
+  (processes already attached keep their mapping).
+- Across ``fork``: the child inherits the mapping and takes its own
+  process-table slot (done automatically). With ``spawn``, children attach by
+  name.
+"""
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Union
+
+from ._core import ffi, lib
+from .errors import CapacityError, Closed, InvalidArgument, SegmentExists, SegmentNotFound, raise_for
+
+if TYPE_CHECKING:
+    from .map import Map
+
+__all__ = ["Grid", "parse_size", "DEFAULT_SIZE", "SHM_DIR"]
+
+DEFAULT_SIZE: int = lib.SG_DEFAULT_GRID_SIZE
+SHM_DIR = "/dev/shm"
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string like ``"64MiB"``, ``"1.5GiB"``, ``"512M"``.
+
+    Binary units: K, M, G, T, KiB, MiB, GiB, TiB; decimal: KB, MB, GB, TB.
+    """
+    if isinstance(size, bool):
+        raise TypeError("size must be an int or a string like '64MiB', not bool")
+    if isinstance(size, int):
+        if size <= 0:
+            raise InvalidArgument(f"size must be positive, got {size}")
+        return size
+    if isinstance(size, str):
+        m = _SIZE_RE.match(size)
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _UNITS:
+            raise InvalidArgument(
+                f"cannot parse size {size!r}: use bytes or a number with a unit "
+                "(K, M, G, T, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            )
+        return int(float(m.group(1)) * _UNITS[unit])
+    raise TypeError(f"size must be an int or a string like '64MiB', not {type(size).__name__}")
+
+
+def _name(name: str) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    return name.encode("utf-8", "surrogateescape")
+
+
+class _hybrid:
+    """A method that is static when called on the class with arguments
+    (``Grid.unlink("name")``) and bound when called on an instance
+    (``grid.unlink()``)."""
+
+    def __init__(self, static: Callable[..., Any], bound: Callable[..., Any]) -> None:
+        self._static, self._bound = static, bound
+        self.__doc__ = static.__doc__
+
+    def __get__(self, obj: Any, owner: Any = None) -> Callable[..., Any]:
+        if obj is None:
+            return self._static
+        return self._bound.__get__(obj, owner)
+
+
+_open_grids: "weakref.WeakSet[Grid]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for g in list(_open_grids):
+        if g._h is not None:
+            lib.sg_grid_after_fork(g._h)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Grid:
+    """A shared-memory grid. Make one with :meth:`create`, :meth:`attach` or
+    :meth:`open`; use it as a context manager to close it on exit."""
+
+    def __init__(self, handle: Any, name: str) -> None:  # private: use create/attach/open
+        self._h = ffi.gc(handle, lib.sg_grid_free)
+        self._name = name
+        self._closed = False
+        _open_grids.add(self)
+
+    # ---- lifecycle --------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, size: Union[int, str] = DEFAULT_SIZE, mode: int = 0o600) -> "Grid":
+        """Create grid ``name`` of ``size`` bytes (a ceiling: tmpfs allocates
+        pages only when touched). Raises SegmentExists if it exists."""
+        nbytes = parse_size(size)
+        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise InvalidArgument(f"mode must be a permission mode between 0 and 0o777, got {mode!r}")
+        _check_room(nbytes)
+        out = ffi.new("sg_grid **")
+        rc = lib.sg_grid_create(_name(name), nbytes, mode, out)
+        if rc:
+            raise_for(rc)
+        return cls(out[0], name)
+
+    @classmethod
+    def attach(cls, name: str) -> "Grid":
+        """Attach to existing grid ``name``. Raises SegmentNotFound,
+        PermissionDenied, or IncompatibleSegment (wrong magic, version or
+        layout; truncated; creator died before it was ready)."""
+        out = ffi.new("sg_grid **")
+        rc = lib.sg_grid_attach(_name(name), out)
+        if rc:
+            raise_for(rc)
+        return cls(out[0], name)
+
+    @classmethod
+    def open(cls, name: str, size: Union[int, str] = DEFAULT_SIZE, mode: int = 0o600) -> "Grid":
+        """Attach to grid ``name``, creating it (with ``size`` and ``mode``)
+        if it does not exist. Safe when several processes race to open it."""
+        for _ in range(100):
+            try:
+                return cls.attach(name)
+            except SegmentNotFound:
+                pass
+            try:
+                return cls.create(name, size, mode)
+            except SegmentExists:
+                pass  # lost the race to create: attach to the winner's
+        raise SegmentNotFound(f"grid {name!r} kept appearing and vanishing; gave up")
+
+    def close(self) -> None:
+        """Unmap the segment and leave its process table. Idempotent. Never
+        unlinks."""
+        if not self._closed:
+            self._closed = True
+            lib.sg_grid_close(self._h)
+            _open_grids.discard(self)
+
+    def _unlink_self(self) -> None:
+        """Remove this grid's name (the segment lives on while attached)."""
+        Grid._unlink_name(self._name)
+
+    @staticmethod
+    def _unlink_name(name: str) -> None:
+        """Remove grid ``name`` from the system. Processes already attached
+        keep their mapping; new attaches fail with SegmentNotFound."""
+        rc = lib.sg_grid_unlink(_name(name))
+        if rc:
+            raise_for(rc)
+
+    unlink = _hybrid(_unlink_name, _unlink_self)
+
+    def __enter__(self) -> "Grid":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.size} bytes"
+        return f"<shmgrid.Grid {self._name!r} {state}>"
+
+    # ---- properties -------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def size(self) -> int:
+        return self.info()["size"]
+
+    def _handle(self) -> Any:
+        if self._closed:
+            raise Closed(f"grid {self._name!r} is closed")
+        return self._h
+
+    # ---- objects ------------------------------------------------------------
+
+    def map(
+        self,
+        name: str,
+        capacity: Optional[int] = None,
+        max_key: Optional[int] = None,
+        max_value: Optional[int] = None,
+    ) -> "Map":
+        """Create or open the map ``name``.
+
+        Parameters matter only on creation (defaults: capacity
+        ``lib.SG_DEFAULT_CAPACITY`` keys, max_key 256 bytes, max_value 4096
+        bytes); when opening an existing map, any parameter given must equal
+        the map's or ObjectMismatch is raised.
+        """
+        from .map import Map
+
+        return Map._open(self, name, capacity, max_key, max_value)
+
+    # ---- introspection ------------------------------------------------------
+
+    def info(self) -> Dict[str, int]:
+        """Segment size, heap break, object and process counts."""
+        out = ffi.new("sg_grid_info *")
+        rc = lib.sg_grid_info_get(self._handle(), out)
+        if rc:
+            raise_for(rc)
+        return {f: getattr(out, f) for f in (
+            "size", "heap_start", "heap_brk", "created_ns", "format", "layout_sig",
+            "objects", "procs_live", "procs_dead", "proc_slot")}
+
+    def objects(self) -> List[Dict[str, Any]]:
+        """The directory: one dict per named object (name, kind, params)."""
+        out = ffi.new("sg_object_info *")
+        h = self._handle()
+        res = []
+        for i in range(lib.SG_DIR_SIZE):
+            rc = lib.sg_grid_object(h, i, out)
+            if rc == lib.SG_NO:
+                continue
+            if rc:
+                raise_for(rc)
+            if out.state != 2:
+                res.append({"name": None, "kind": "creating", "params": ()})
+                continue
+            kind = {lib.SG_KIND_MAP: "map"}.get(out.kind, f"kind{out.kind}")
+            res.append({"name": ffi.string(out.name).decode(), "kind": kind, "params": tuple(out.param)})
+        return res
+
+    def processes(self) -> List[Dict[str, int]]:
+        """The process table: pid, liveness and attach time of each slot in use."""
+        out = ffi.new("sg_proc_info *")
+        h = self._handle()
+        res = []
+        for i in range(lib.SG_PROC_TABLE_SIZE):
+            rc = lib.sg_grid_proc(h, i, out)
+            if rc == lib.SG_NO:
+                continue
+            if rc:
+                raise_for(rc)
+            res.append({"slot": i, "pid": out.pid, "alive": bool(out.alive),
+                        "start_ticks": out.start_ticks, "attached_ns": out.attached_ns})
+        return res
+
+    def validate(self) -> Dict[str, Any]:
+        """Walk the heap's free lists and every map; raise CorruptSegment on
+        a broken invariant. Returns heap figures and per-map reports.
+
+        ``leaked_bytes`` (carved, yet neither free nor reachable) is exact
+        only while no process is writing: it counts blocks held by processes
+        killed mid-operation.
+        """
+        out = ffi.new("sg_heap_report *")
+        rc = lib.sg_grid_validate(self._handle(), out)
+        if rc:
+            raise_for(rc)
+        maps = {o["name"]: self.map(o["name"]).validate() for o in self.objects() if o["kind"] == "map"}
+        reachable = sum(r["block_bytes"] + r["table_bytes"] for r in maps.values())
+        return {
+            "heap_bytes": out.heap_bytes,
+            "carved_bytes": out.carved_bytes,
+            "free_bytes": out.free_bytes,
+            "free_blocks": out.free_blocks,
+            "reachable_bytes": reachable,
+            "leaked_bytes": max(0, out.carved_bytes - out.free_bytes - reachable),
+            "maps": maps,
+        }
+
+
+def _check_room(nbytes: int) -> None:
+    """Refuse a size larger than the free space of /dev/shm: the segment is
+    sparse, and touching a page past the room left there kills the process
+    with SIGBUS instead of raising an error."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return
+    avail = st.f_bavail * st.f_frsize
+    if nbytes > avail:
+        raise CapacityError(
+            f"grid size {nbytes} bytes exceeds the {avail} bytes free in {SHM_DIR}; "
+            "pick a smaller size (writes past the free space would crash with SIGBUS)"
+        )
+
+
+def list_segments() -> Iterator[str]:
+    """Names in /dev/shm that start with the shmgrid magic."""
+    magic = lib.SG_SEGMENT_MAGIC.to_bytes(8, "little")
+    try:
+        names = sorted(os.listdir(SHM_DIR))
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(SHM_DIR, n)
+        try:
+            with open(p, "rb") as f:
+                if f.read(8) == magic:
+                    yield n
+        except OSError:
+            continue

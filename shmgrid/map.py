@@ -1,0 +1,331 @@
+"""Map: a lock-free hash map in a grid, shared by every attached process.
+
+Keys and values are bytes (any bytes-like object is accepted; ``str`` keys
+are UTF-8 encoded, and come back from iteration as bytes). Every key has a
+64-bit version that grows by one on every change, deletes included, and
+keeps growing if the key is stored again.
+
+Each operation is linearizable on its own key. Iteration (``iter``,
+``keys``, ``values``, ``items``) is weakly consistent, like Java's
+ConcurrentHashMap: it sees every key present for the whole walk, and may or
+may not see keys added or removed during it; each (key, value) pair it
+yields was current at some instant.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import MutableMapping
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from ._core import ffi, lib
+from .errors import InvalidArgument, raise_for
+
+__all__ = ["Map"]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+Key = Union[str, BytesLike]
+
+_NO = lib.SG_NO
+_MISSING: Any = object()
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def _key(k: Any) -> bytes:
+    if isinstance(k, str):
+        return k.encode("utf-8")
+    if isinstance(k, (bytes, bytearray, memoryview)):
+        return bytes(k)
+    raise TypeError(f"map keys are bytes-like or str, not {type(k).__name__}")
+
+
+def _val(v: Any) -> bytes:
+    if type(v) is bytes:
+        return v
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    raise TypeError(f"map values are bytes-like, not {type(v).__name__} (encode it first)")
+
+
+class _Buffers(threading.local):
+    """Per-thread output buffers: cffi releases the GIL during C calls, so
+    two threads must never share one."""
+
+    def __init__(self, value_cap: int, key_cap: int) -> None:
+        self.val = ffi.new("char[]", value_cap)
+        self.key = ffi.new("char[]", key_cap)
+        self.len = ffi.new("size_t *")
+        self.klen = ffi.new("size_t *")
+        self.ver = ffi.new("uint64_t *")
+        self.i64 = ffi.new("int64_t *")
+        self.cursor = ffi.new("uint64_t *")
+
+
+class Map(MutableMapping):  # type: ignore[type-arg]
+    """A named map in a :class:`~shmgrid.Grid`. Get one with ``grid.map(name)``."""
+
+    __slots__ = ("_grid", "_h", "_name", "_cap", "_max_key", "_capacity", "_tls", "__weakref__")
+
+    @classmethod
+    def _open(
+        cls,
+        grid: Any,
+        name: str,
+        capacity: Optional[int],
+        max_key: Optional[int],
+        max_value: Optional[int],
+    ) -> "Map":
+        for arg, v in (("capacity", capacity), ("max_key", max_key), ("max_value", max_value)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise TypeError(f"{arg} must be a positive int or None, got {v!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"map name must be a str, not {type(name).__name__}")
+        out = ffi.new("sg_map **")
+        try:
+            rc = lib.sg_map_open(grid._handle(), name.encode(), capacity or 0, max_key or 0, max_value or 0, out)
+        except OverflowError:
+            raise _limits_error(capacity, max_key, max_value) from None
+        if rc:
+            raise_for(rc)
+        m = cls.__new__(cls)
+        m._grid = grid
+        m._h = ffi.gc(out[0], lib.sg_map_free)
+        m._name = name
+        cap = ffi.new("uint64_t *")
+        mk = ffi.new("uint32_t *")
+        mv = ffi.new("uint32_t *")
+        lib.sg_map_params(m._h, cap, mk, mv)
+        m._capacity, m._max_key, m._cap = cap[0], mk[0], mv[0]
+        m._tls = _Buffers(max(m._cap, 8), max(m._max_key, 1))
+        return m
+
+    # ---- properties -----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capacity(self) -> int:
+        """Keys the map was created to hold."""
+        return self._capacity
+
+    @property
+    def max_key(self) -> int:
+        return self._max_key
+
+    @property
+    def max_value(self) -> int:
+        return self._cap
+
+    def __repr__(self) -> str:
+        return f"<shmgrid.Map {self._name!r} capacity={self._capacity} max_key={self._max_key} max_value={self._cap}>"
+
+    # ---- reads ----------------------------------------------------------------
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` if absent."""
+        k = key if type(key) is bytes else _key(key)
+        b = self._tls
+        rc = lib.sg_map_get(self._h, k, len(k), b.val, self._cap, b.len, b.ver)
+        if rc == 0:
+            return ffi.unpack(b.val, b.len[0])
+        if rc == _NO:
+            return default
+        raise_for(rc)
+
+    def get_versioned(self, key: Key) -> Optional[Tuple[bytes, int]]:
+        """``(value, version)`` of ``key``, or None if absent."""
+        k = key if type(key) is bytes else _key(key)
+        b = self._tls
+        rc = lib.sg_map_get(self._h, k, len(k), b.val, self._cap, b.len, b.ver)
+        if rc == 0:
+            return ffi.unpack(b.val, b.len[0]), b.ver[0]
+        if rc == _NO:
+            return None
+        raise_for(rc)
+
+    def __getitem__(self, key: Key) -> bytes:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
+            raise KeyError(key)
+        return v  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        k = key if type(key) is bytes else _key(key)
+        b = self._tls
+        rc = lib.sg_map_get(self._h, k, len(k), b.val, 0, b.len, b.ver)
+        if rc == 0:
+            return True
+        if rc == _NO:
+            return False
+        raise_for(rc)
+
+    def __len__(self) -> int:
+        n = lib.sg_map_len(self._h)
+        if n < 0:
+            raise_for(n)
+        return n  # type: ignore[no-any-return]
+
+    # ---- writes ---------------------------------------------------------------
+
+    def put(self, key: Key, value: BytesLike) -> int:
+        """Store ``value`` under ``key``; returns the key's new version."""
+        k = key if type(key) is bytes else _key(key)
+        v = value if type(value) is bytes else _val(value)
+        ver = self._tls.ver
+        rc = lib.sg_map_put(self._h, k, len(k), v, len(v), ver)
+        if rc:
+            raise_for(rc)
+        return ver[0]  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: Key, value: BytesLike) -> None:
+        self.put(key, value)
+
+    def put_if_absent(self, key: Key, value: BytesLike) -> bool:
+        """Store ``value`` only if ``key`` is absent; True if it was stored."""
+        k = _key(key)
+        v = _val(value)
+        rc = lib.sg_map_put_if_absent(self._h, k, len(k), v, len(v), self._tls.ver)
+        if rc == 0:
+            return True
+        if rc == _NO:
+            return False
+        raise_for(rc)
+
+    def replace(self, key: Key, expected: BytesLike, new: BytesLike) -> bool:
+        """Atomically set ``key`` to ``new`` if its value equals ``expected``."""
+        k, e, v = _key(key), _val(expected), _val(new)
+        rc = lib.sg_map_replace(self._h, k, len(k), e, len(e), v, len(v), self._tls.ver)
+        if rc == 0:
+            return True
+        if rc == _NO:
+            return False
+        raise_for(rc)
+
+    def compare_and_set(self, key: Key, version: int, value: BytesLike) -> Optional[int]:
+        """Set ``key`` to ``value`` if its version is ``version``; returns the
+        new version, or None if the version did not match. ``version=0``
+        means "only if the key is absent"."""
+        if not isinstance(version, int) or not 0 <= version < 2**64:
+            raise TypeError(f"version must be an int in [0, 2**64), got {version!r}")
+        k, v = _key(key), _val(value)
+        ver = self._tls.ver
+        rc = lib.sg_map_compare_and_set(self._h, k, len(k), version, v, len(v), ver)
+        if rc == 0:
+            return ver[0]  # type: ignore[no-any-return]
+        if rc == _NO:
+            return None
+        raise_for(rc)
+
+    def delete(self, key: Key) -> bool:
+        """Remove ``key``; True if it was present. Its version still grows."""
+        k = _key(key)
+        rc = lib.sg_map_delete(self._h, k, len(k), ffi.NULL, 0, ffi.NULL, self._tls.ver)
+        if rc == 0:
+            return True
+        if rc == _NO:
+            return False
+        raise_for(rc)
+
+    def __delitem__(self, key: Key) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def pop(self, key: Key, default: Any = _MISSING) -> Any:
+        """Atomically remove ``key`` and return the value it held."""
+        k = _key(key)
+        b = self._tls
+        rc = lib.sg_map_delete(self._h, k, len(k), b.val, self._cap, b.len, b.ver)
+        if rc == 0:
+            return ffi.unpack(b.val, b.len[0])
+        if rc == _NO:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        raise_for(rc)
+
+    def incr(self, key: Key, delta: int = 1) -> int:
+        """Atomically add ``delta`` to the int64 stored (8 bytes, little
+        endian) under ``key``, absent counting as 0; returns the new value."""
+        if not isinstance(delta, int) or not _I64_MIN <= delta <= _I64_MAX:
+            raise TypeError(f"delta must be an int in the int64 range, got {delta!r}")
+        k = key if type(key) is bytes else _key(key)
+        b = self._tls
+        rc = lib.sg_map_incr(self._h, k, len(k), delta, b.i64, b.ver)
+        if rc:
+            raise_for(rc)
+        return b.i64[0]  # type: ignore[no-any-return]
+
+    def setdefault(self, key: Key, default: BytesLike = b"") -> bytes:  # type: ignore[override]
+        """The value of ``key``, storing ``default`` first if it is absent (atomic)."""
+        while True:
+            if self.put_if_absent(key, default):
+                return _val(default)
+            v = self.get(key, _MISSING)
+            if v is not _MISSING:
+                return v  # type: ignore[no-any-return]
+
+    def clear(self) -> None:
+        """Delete every key present (not atomic as a whole)."""
+        for k in list(self.keys()):
+            self.delete(k)
+
+    # ---- iteration ------------------------------------------------------------
+
+    def _walk(self) -> Iterator[Tuple[bytes, bytes, int]]:
+        b = _Buffers(max(self._cap, 8), max(self._max_key, 1))  # private: generators interleave
+        cursor = b.cursor
+        cursor[0] = 0
+        while True:
+            rc = lib.sg_map_next(self._h, cursor, b.key, self._max_key, b.klen, b.val, self._cap, b.len, b.ver)
+            if rc == _NO:
+                return
+            if rc:
+                raise_for(rc)
+            yield ffi.unpack(b.key, b.klen[0]), ffi.unpack(b.val, b.len[0]), b.ver[0]
+
+    def __iter__(self) -> Iterator[bytes]:
+        for k, _, _ in self._walk():
+            yield k
+
+    def keys(self) -> List[bytes]:  # type: ignore[override]
+        """The keys present, as a list (weakly consistent snapshot)."""
+        return [k for k, _, _ in self._walk()]
+
+    def values(self) -> List[bytes]:  # type: ignore[override]
+        return [v for _, v, _ in self._walk()]
+
+    def items(self) -> List[Tuple[bytes, bytes]]:  # type: ignore[override]
+        return [(k, v) for k, v, _ in self._walk()]
+
+    def items_versioned(self) -> List[Tuple[bytes, bytes, int]]:
+        """(key, value, version) triples of the keys present."""
+        return list(self._walk())
+
+    # ---- maintenance ------------------------------------------------------------
+
+    def validate(self, repair: bool = False) -> Dict[str, int]:
+        """Walk the whole table and check every invariant; raise
+        CorruptSegment if one is broken. Returns counts (live keys,
+        tombstones, bound slots, bytes).
+
+        With ``repair=True``, also reset len()'s counter and the slot
+        reservation count to what the walk found; do that only while no
+        process writes the map (processes killed between their CAS and their
+        counter update leave those counters off by one each).
+        """
+        out = ffi.new("sg_map_report *")
+        rc = lib.sg_map_validate(self._h, 1 if repair else 0, out)
+        if rc:
+            raise_for(rc)
+        return {f: getattr(out, f) for f in (
+            "capacity", "nslots", "slot_limit", "used", "bound", "live", "tombstones",
+            "live_counter", "block_bytes", "table_bytes", "generation", "max_key", "max_value")}
+
+
+def _limits_error(capacity: Optional[int], max_key: Optional[int], max_value: Optional[int]) -> Exception:
+    return InvalidArgument(
+        f"map parameters out of range: capacity={capacity}, max_key={max_key} (limit {lib.SG_MAX_KEY_LIMIT}), "
+        f"max_value={max_value} (limit {lib.SG_MAX_VALUE_LIMIT})"
+    )
+
