@@ -24,20 +24,14 @@ sg_block *sg__block(const sg_grid *g, uint64_t off)
     return b;
 }
 
-static unsigned sg__class_for(uint64_t bytes)
-{
-    unsigned c = 0;
-    while (c < SG_NCLASSES && sg__class_size(c) < bytes)
-        c++;
-    return c;
-}
-
 /* Carve a fresh block of class `cls` from the break. */
 static int sg__carve(sg_grid *g, unsigned cls, uint64_t *off)
 {
     sg_header *h = sg__hdr(g);
     uint64_t bs = sg__class_size(cls);
-    uint64_t align = bs < SG_CACHE_LINE ? 16 : SG_CACHE_LINE;
+    /* 16 bytes is all correctness needs (a 16-byte slot or word never
+     * straddles a cache line then); large blocks start on a line. */
+    uint64_t align = bs < 256 ? 16 : SG_CACHE_LINE;
     uint64_t old = sg_load_relaxed(&h->brk);
     for (;;) {
         uint64_t start = (old + align - 1) & ~(align - 1);

@@ -46,6 +46,14 @@ static int sg__table(sg_map *m)
     return SG_OK;
 }
 
+/* Does a payload of n bytes fit in the size class of a block with this
+ * meta word? (A damaged or hostile segment must give an error, never a read
+ * past the block.) */
+static inline int sg__fits(uint64_t meta, uint64_t n)
+{
+    return n <= sg__class_size(SG_META_CLASS(meta)) - SG_BLOCK_HDR;
+}
+
 /* Does bound head `h` name the key (key, klen, hash)? Key blocks are
  * immutable once their head is published, so plain reads are fine here:
  * the acquire load of head (SYNC POINT: key-publish) made them visible. */
@@ -58,7 +66,8 @@ static int sg__key_is(sg_map *m, uint64_t h, const char *key, size_t klen, uint6
         *corrupt = 1;
         return 0;
     }
-    return kb->word == hash && SG_META_LEN(kb->meta) == klen && memcmp(kb->payload, key, klen) == 0;
+    return kb->word == hash && SG_META_LEN(kb->meta) == klen && sg__fits(kb->meta, klen) &&
+           memcmp(kb->payload, key, klen) == 0;
 }
 
 static int sg__check_key(sg_map *m, size_t klen)
@@ -181,8 +190,7 @@ static int sg__read(sg_map *m, sg_slot *s, sg__cur *c, char *out, size_t cap, co
         uint64_t version = sg_load_relaxed(&b->word);
         uint32_t len = SG_META_LEN(meta);
         unsigned kind = SG_META_KIND(meta);
-        int sane = (kind == SG_BLK_VALUE || kind == SG_BLK_TOMB) && len <= m->max_value &&
-                   len <= sg__class_size(SG_META_CLASS(meta)) - SG_BLOCK_HDR;
+        int sane = (kind == SG_BLK_VALUE || kind == SG_BLK_TOMB) && len <= m->max_value && sg__fits(meta, len);
         int equal = 0;
         if (sane && kind == SG_BLK_VALUE) {
             if (out)
@@ -455,7 +463,8 @@ int sg_map_next(sg_map *m, uint64_t *cursor, char *kout, size_t kcap, size_t *kl
         if (!c.present)
             continue;
         sg_block *kb = sg__block(m->g, SG_HEAD_OFF(h));
-        if (!kb || SG_META_KIND(kb->meta) != SG_BLK_KEY || SG_META_LEN(kb->meta) > kcap)
+        if (!kb || SG_META_KIND(kb->meta) != SG_BLK_KEY || SG_META_LEN(kb->meta) > kcap ||
+            !sg__fits(kb->meta, SG_META_LEN(kb->meta)))
             return sg__fail(SG_ECORRUPT, "map slot %llu names a bad key block", (unsigned long long)i);
         *klen = SG_META_LEN(kb->meta);
         memcpy(kout, kb->payload, *klen);
@@ -626,7 +635,7 @@ int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
             return out->error = sg__fail(SG_ECORRUPT, "slot %llu: head does not name a key block", (unsigned long long)i);
         uint32_t klen = SG_META_LEN(kb->meta);
         const char *key = (const char *)kb->payload;
-        if (klen > m->max_key || klen > sg__class_size(SG_META_CLASS(kb->meta)) - SG_BLOCK_HDR)
+        if (klen > m->max_key || !sg__fits(kb->meta, klen))
             return out->error = sg__fail(SG_ECORRUPT, "slot %llu: key length %u", (unsigned long long)i, klen);
         uint64_t hash = sg_hash64(key, klen);
         if (kb->word != hash || SG_HEAD_TAG(h) != hash >> 48)

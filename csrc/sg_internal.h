@@ -44,7 +44,26 @@ static inline void *sg__at(const sg_grid *g, uint64_t off, uint64_t len)
 
 static inline sg_header *sg__hdr(const sg_grid *g) { return (sg_header *)g->base; }
 
-static inline uint64_t sg__class_size(unsigned cls) { return (uint64_t)SG_MIN_BLOCK << cls; }
+/* Bytes of a block of size class c: 32, 48, then 64 << d times 4/4, 5/4,
+ * 6/4, 7/4 for d = 0, 1, ... (all multiples of 16). */
+static inline uint64_t sg__class_size(unsigned c)
+{
+    if (c < 2)
+        return SG_MIN_BLOCK + 16u * c;
+    c -= 2;
+    return (16ull << (c / 4)) * (4 + c % 4);
+}
+
+/* The smallest class whose blocks hold n bytes (SG_NCLASSES if none). */
+static inline unsigned sg__class_for(uint64_t n)
+{
+    if (n <= 64)
+        return n <= 32 ? 0 : n <= 48 ? 1 : 2;
+    unsigned d = (unsigned)(63 - __builtin_clzll(n - 1)) - 6; /* 64 << d < n <= 128 << d */
+    uint64_t step = 16ull << d;
+    unsigned c = 2 + 4 * d + (unsigned)((n - (64ull << d) + step - 1) / step);
+    return c < SG_NCLASSES ? c : SG_NCLASSES;
+}
 
 /* A block at `off`, checked to lie wholly inside the heap. NULL if not. */
 sg_block *sg__block(const sg_grid *g, uint64_t off);

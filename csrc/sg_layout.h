@@ -14,10 +14,10 @@
  *
  * Segment map (offsets from the base):
  *
- *   0x0000  sg_header         4 KiB   identity, heap break, free lists
- *   0x1000  sg_dirent[256]   32 KiB   directory of named objects
- *   0x9000  sg_proc[256]     16 KiB   process table
- *   0xD000  heap ........... size     blocks: objects, tables, keys, values
+ *   0x0000  sg_header         8 KiB   identity, heap break, free lists
+ *   0x2000  sg_dirent[256]   32 KiB   directory of named objects
+ *   0xA000  sg_proc[256]     16 KiB   process table
+ *   0xE000  heap ........... size     blocks: objects, tables, keys, values
  */
 #ifndef SG_LAYOUT_H
 #define SG_LAYOUT_H
@@ -34,14 +34,14 @@
 
 #define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
 #define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
-#define SG_NCLASSES 32u        /* heap size classes: 32 B << c, c = 0 .. 31 */
+#define SG_NCLASSES 120u       /* heap size classes, see sg__class_size: 32 B .. 40 GiB */
 #define SG_MIN_BLOCK 32u
 #define SG_NAME_MAX ((unsigned)SG_NAME_MAX_LEN) /* object names: 1 .. 64 bytes of [A-Za-z0-9._-] */
 
 #define SG_HEADER_OFF 0x0000u
-#define SG_DIR_OFF 0x1000u
-#define SG_PROC_OFF 0x9000u
-#define SG_HEAP_OFF 0xD000u
+#define SG_DIR_OFF ((unsigned)SG_DIR_OFFSET)   /* 0x2000 */
+#define SG_PROC_OFF ((unsigned)SG_PROC_OFFSET) /* 0xA000 */
+#define SG_HEAP_OFF ((unsigned)SG_HEAP_OFFSET) /* 0xE000 */
 
 /* ------------------------------------------------------------------------
  * Process words.
@@ -63,7 +63,7 @@
 #define SG_PW_START_MASK ((1ull << 40) - 1)
 
 /* ------------------------------------------------------------------------
- * sg_header: offset 0, 4 KiB.
+ * sg_header: offset 0, 8 KiB.
  *
  * Cache line 0, identity. Written once by the creator while `ready` is 0,
  * read by every attacher. The creator writes `creator` first, so an attacher
@@ -95,7 +95,7 @@ typedef struct sg_header {
     uint64_t heap_end;    /* == size; immutable */
     uint8_t _pad2[SG_CACHE_LINE - 16];
 
-    /* lines 2..33: one free list per size class, each on its own line */
+    /* lines 2..121: one free list per size class, each on its own line */
     sg_free_list free[SG_NCLASSES];
 
     uint8_t _pad3[SG_DIR_OFF - (2 + SG_NCLASSES) * SG_CACHE_LINE];
@@ -111,10 +111,10 @@ _Static_assert(offsetof(sg_header, created_ns) == 40, "layout");
 _Static_assert(offsetof(sg_header, brk) == SG_CACHE_LINE, "heap break on its own line");
 _Static_assert(offsetof(sg_header, free) == 2 * SG_CACHE_LINE, "free lists start on line 2");
 _Static_assert(sizeof(sg_free_list) == SG_CACHE_LINE, "one free list per line");
-_Static_assert(sizeof(sg_header) == SG_DIR_OFF, "header fills 0x0000..0x1000");
+_Static_assert(sizeof(sg_header) == SG_DIR_OFF, "header fills 0x0000..0x2000");
 
 /* ------------------------------------------------------------------------
- * sg_dirent: the directory, SG_DIR_ENTRIES entries of 128 bytes at 0x1000.
+ * sg_dirent: the directory, SG_DIR_ENTRIES entries of 128 bytes at 0x2000.
  *
  * An entry is claimed by CAS on `state` and then filled by its creator;
  * entries are found by linear probing from hash(name). The state word:
@@ -149,11 +149,11 @@ _Static_assert(offsetof(sg_dirent, name_len) == 12, "layout");
 _Static_assert(offsetof(sg_dirent, name) == 16, "layout");
 _Static_assert(offsetof(sg_dirent, obj) == 80, "layout");
 _Static_assert(offsetof(sg_dirent, param) == 88, "layout");
-_Static_assert(sizeof(sg_dirent) == 128, "two entries per 256 bytes");
+_Static_assert(sizeof(sg_dirent) == SG_DIRENT_SIZE, "two entries per 256 bytes");
 _Static_assert(SG_DIR_OFF + SG_DIR_ENTRIES * sizeof(sg_dirent) == SG_PROC_OFF, "directory ends where the process table starts");
 
 /* ------------------------------------------------------------------------
- * sg_proc: the process table, SG_PROC_SLOTS slots of one cache line at 0x9000.
+ * sg_proc: the process table, SG_PROC_SLOTS slots of one cache line at 0xA000.
  *
  * A process claims a free slot, or the slot of a dead process, by CAS on
  * `owner` (0 = free) when it attaches, and clears it when it closes. A slot
@@ -178,10 +178,13 @@ _Static_assert(SG_PROC_OFF + SG_PROC_SLOTS * sizeof(sg_proc) == SG_HEAP_OFF, "pr
 /* ------------------------------------------------------------------------
  * Heap blocks.
  *
- * The heap is carved, from `brk` upwards, into blocks of SG_MIN_BLOCK << c
- * bytes. A block keeps its class for life: it goes back to the free list of
- * its class and is carved again only as that class. Blocks are 16-byte
- * aligned (64-byte aligned from 64 bytes up).
+ * The heap is carved, from `brk` upwards, into blocks of SG_NCLASSES size
+ * classes: 32 and 48 bytes, then four steps per doubling (64, 80, 96, 112,
+ * 128, 160, ...), so a block wastes less than a quarter of itself and a
+ * power-of-two payload (a slot table) plus its header does not double. A
+ * block keeps its class for life: it goes back to the free list of its
+ * class and is carved again only as that class. Blocks are 16-byte aligned
+ * (64-byte aligned from 256 bytes up).
  *
  *    0               8              16
  *   +-------+-------+---------------+-------------------------------------+
@@ -269,7 +272,7 @@ _Static_assert(sizeof(sg_map_hdr) == 4 * SG_CACHE_LINE, "layout");
 /*
  * Slot table: a block (kind TABLE) whose payload starts with sg_table_hdr
  * and continues with nslots 16-byte slots, so the slots start 64 bytes into
- * the block (the block is 64-byte aligned).
+ * the block (the block is 64-byte aligned, so four slots share a line).
  *
  *   slot:  0              8             16
  *          +--------------+--------------+

@@ -24,7 +24,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Union
 
 from ._core import ffi, lib
-from .errors import CapacityError, Closed, InvalidArgument, SegmentExists, SegmentNotFound, raise_for
+from .errors import CapacityError, Closed, InvalidArgument, InvalidName, SegmentExists, SegmentNotFound, raise_for
 
 if TYPE_CHECKING:
     from .map import Map
@@ -67,9 +67,13 @@ def parse_size(size: Union[int, str]) -> int:
     raise TypeError(f"size must be an int or a string like '64MiB', not {type(size).__name__}")
 
 
-def _name(name: str) -> bytes:
+def cname(name: str, what: str = "grid") -> bytes:
+    """``name`` as a C string; the C layer checks the characters and length,
+    but a NUL would end the C string early, so it is refused here."""
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
+        raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
+    if "\0" in name:
+        raise InvalidName(f"invalid {what} name {name!r}: it contains a NUL character")
     return name.encode("utf-8", "surrogateescape")
 
 
@@ -122,7 +126,7 @@ class Grid:
             raise InvalidArgument(f"mode must be a permission mode between 0 and 0o777, got {mode!r}")
         _check_room(nbytes)
         out = ffi.new("sg_grid **")
-        rc = lib.sg_grid_create(_name(name), nbytes, mode, out)
+        rc = lib.sg_grid_create(cname(name), nbytes, mode, out)
         if rc:
             raise_for(rc)
         return cls(out[0], name)
@@ -133,7 +137,7 @@ class Grid:
         PermissionDenied, or IncompatibleSegment (wrong magic, version or
         layout; truncated; creator died before it was ready)."""
         out = ffi.new("sg_grid **")
-        rc = lib.sg_grid_attach(_name(name), out)
+        rc = lib.sg_grid_attach(cname(name), out)
         if rc:
             raise_for(rc)
         return cls(out[0], name)
@@ -169,7 +173,7 @@ class Grid:
     def _unlink_name(name: str) -> None:
         """Remove grid ``name`` from the system. Processes already attached
         keep their mapping; new attaches fail with SegmentNotFound."""
-        rc = lib.sg_grid_unlink(_name(name))
+        rc = lib.sg_grid_unlink(cname(name))
         if rc:
             raise_for(rc)
 

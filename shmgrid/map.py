@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._core import ffi, lib
 from .errors import InvalidArgument, raise_for
+from .grid import cname
 
 __all__ = ["Map"]
 
@@ -77,11 +78,10 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         for arg, v in (("capacity", capacity), ("max_key", max_key), ("max_value", max_value)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise TypeError(f"{arg} must be a positive int or None, got {v!r}")
-        if not isinstance(name, str):
-            raise TypeError(f"map name must be a str, not {type(name).__name__}")
+        cn = cname(name, "map")
         out = ffi.new("sg_map **")
         try:
-            rc = lib.sg_map_open(grid._handle(), name.encode(), capacity or 0, max_key or 0, max_value or 0, out)
+            rc = lib.sg_map_open(grid._handle(), cn, capacity or 0, max_key or 0, max_value or 0, out)
         except OverflowError:
             raise _limits_error(capacity, max_key, max_value) from None
         if rc:

@@ -12,7 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "../shmgrid.h"
+#include "../sg_internal.h"
 
 static int failures;
 
@@ -24,6 +24,21 @@ static int failures;
             failures++;                                                                                      \
         }                                                                                                    \
     } while (0)
+
+static void test_size_classes(void)
+{
+    for (unsigned c = 0; c < SG_NCLASSES; c++) {
+        uint64_t bs = sg__class_size(c);
+        CHECK(bs % 16 == 0);
+        CHECK(sg__class_for(bs) == c);
+        CHECK(c == 0 || sg__class_for(sg__class_size(c - 1) + 1) == c);
+        CHECK(c == 0 || bs - sg__class_size(c - 1) <= bs / 4 + 16); /* < 25% waste */
+    }
+    CHECK(sg__class_for(sg__class_size(SG_NCLASSES - 1) + 1) == SG_NCLASSES);
+    CHECK(sg__class_for(48) == 1 && sg__class_for(49) == 2 && sg__class_for(65) == 3);
+    /* a table of 2^15 slots and its 64-byte header do not double */
+    CHECK(sg__class_size(sg__class_for(64 + (16u << 15))) < (16u << 16));
+}
 
 static void test_names(void)
 {
@@ -165,6 +180,7 @@ int main(int argc, char **argv)
     const char *name = argc > 1 ? argv[1] : "sg-c-test";
     sg_grid *g;
     sg_grid_unlink(name);
+    test_size_classes();
     test_names();
     CHECK(sg_grid_create(name, 8 << 20, 0600, &g) == SG_OK);
     sg_grid *twin;
