@@ -416,24 +416,27 @@ int sg_map_incr(sg_map *m, const char *key, size_t klen, int64_t delta, int64_t 
     return rc;
 }
 
-int sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t cap, size_t *len, uint64_t *version)
+int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t cap, uint64_t *version)
 {
     int rc = sg__check_key(m, klen);
     if (rc)
         return rc;
     sg_slot *s;
     rc = sg__find(m, key, klen, sg_hash64(key, klen), 0, &s);
+    if (rc == SG_NO) {
+        if (version)
+            *version = 0;
+        return SG_ENOKEY; /* never stored */
+    }
     if (rc)
-        return rc; /* SG_NO: never stored */
+        return rc;
     sg__cur c;
     rc = sg__read(m, s, &c, out, cap, NULL, 0);
     if (rc)
         return rc;
-    if (len)
-        *len = c.len;
     if (version)
         *version = c.version;
-    return c.present ? SG_OK : SG_NO;
+    return c.present ? (int64_t)c.len : SG_ENOKEY;
 }
 
 int64_t sg_map_len(sg_map *m)

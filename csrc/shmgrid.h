@@ -44,6 +44,7 @@
 #define SG_ESYS -17
 #define SG_EBUSY -18
 #define SG_ENAME -19
+#define SG_ENOKEY -20
 
 #define SG_SEGMENT_MAGIC 0x00444952474d4853
 #define SG_DIR_SIZE 256
@@ -139,8 +140,11 @@ int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_ke
                 uint32_t max_value, sg_map **out);
 void sg_map_free(sg_map *m);
 int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value);
-int sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t cap,
-               size_t *len, uint64_t *version);
+/* Returns the value's length (copying up to cap bytes into out), SG_ENOKEY
+ * if the key is absent, or another negative error. *version (if not NULL)
+ * receives the key's version: a tombstone's for a deleted key, 0 if never
+ * stored. */
+int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t cap, uint64_t *version);
 int sg_map_put(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen,
                uint64_t *version);
 int sg_map_put_if_absent(sg_map *m, const char *key, size_t klen, const char *val,

@@ -27,6 +27,7 @@ BytesLike = Union[bytes, bytearray, memoryview]
 Key = Union[str, BytesLike]
 
 _NO = lib.SG_NO
+_ABSENT = lib.SG_ENOKEY
 _MISSING: Any = object()
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -125,24 +126,24 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     def get(self, key: Key, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if absent."""
         k = key if type(key) is bytes else _key(key)
-        b = self._tls
-        rc = lib.sg_map_get(self._h, k, len(k), b.val, self._cap, b.len, b.ver)
-        if rc == 0:
-            return ffi.unpack(b.val, b.len[0])
-        if rc == _NO:
+        buf = self._tls.val
+        n = lib.sg_map_get(self._h, k, len(k), buf, self._cap, ffi.NULL)
+        if n >= 0:
+            return ffi.unpack(buf, n)
+        if n == _ABSENT:
             return default
-        raise_for(rc)
+        raise_for(n)
 
     def get_versioned(self, key: Key) -> Optional[Tuple[bytes, int]]:
         """``(value, version)`` of ``key``, or None if absent."""
         k = key if type(key) is bytes else _key(key)
         b = self._tls
-        rc = lib.sg_map_get(self._h, k, len(k), b.val, self._cap, b.len, b.ver)
-        if rc == 0:
-            return ffi.unpack(b.val, b.len[0]), b.ver[0]
-        if rc == _NO:
+        n = lib.sg_map_get(self._h, k, len(k), b.val, self._cap, b.ver)
+        if n >= 0:
+            return ffi.unpack(b.val, n), b.ver[0]
+        if n == _ABSENT:
             return None
-        raise_for(rc)
+        raise_for(n)
 
     def __getitem__(self, key: Key) -> bytes:
         v = self.get(key, _MISSING)
@@ -152,13 +153,12 @@ class Map(MutableMapping):  # type: ignore[type-arg]
 
     def __contains__(self, key: object) -> bool:
         k = key if type(key) is bytes else _key(key)
-        b = self._tls
-        rc = lib.sg_map_get(self._h, k, len(k), b.val, 0, b.len, b.ver)
-        if rc == 0:
+        n = lib.sg_map_get(self._h, k, len(k), ffi.NULL, 0, ffi.NULL)
+        if n >= 0:
             return True
-        if rc == _NO:
+        if n == _ABSENT:
             return False
-        raise_for(rc)
+        raise_for(n)
 
     def __len__(self) -> int:
         n = lib.sg_map_len(self._h)
