@@ -46,6 +46,8 @@ static int sg__carve(sg_grid *g, unsigned cls, uint64_t *off)
          * that makes it reachable. */
         if (sg_cas_relaxed(&h->brk, &old, start + bs)) {
             sg_fetch_add_relaxed(&h->free[cls].carved, 1);
+            if (start != old)
+                sg_fetch_add_relaxed(&h->gap_bytes, start - old);
             sg_block *b = (sg_block *)(g->base + start);
             sg_store_relaxed(&b->meta, SG_META(cls, SG_BLK_FREE, 0));
             *off = start;
@@ -117,6 +119,7 @@ int sg_grid_validate(sg_grid *g, sg_heap_report *out)
     sg_header *h = sg__hdr(g);
     out->heap_bytes = h->heap_end - SG_HEAP_OFF;
     out->carved_bytes = sg_load_relaxed(&h->brk) - SG_HEAP_OFF;
+    out->gap_bytes = sg_load_relaxed(&h->gap_bytes);
     for (unsigned c = 0; c < SG_NCLASSES; c++) {
         uint64_t carved = sg_load_relaxed(&h->free[c].carved);
         uint64_t off = SG_TAGGED_OFF(sg_load_acquire(&h->free[c].head));

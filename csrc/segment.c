@@ -101,7 +101,7 @@ uint32_t sg_layout_signature(void)
     const uint64_t v[] = {
         SG_CACHE_LINE, SG_DIR_ENTRIES, SG_PROC_SLOTS, SG_NCLASSES, SG_MIN_BLOCK, SG_NAME_MAX,
         SG_DIR_OFF, SG_PROC_OFF, SG_HEAP_OFF,
-        sizeof(sg_header), offsetof(sg_header, ready), offsetof(sg_header, brk),
+        sizeof(sg_header), offsetof(sg_header, ready), offsetof(sg_header, brk), offsetof(sg_header, gap_bytes),
         offsetof(sg_header, free), sizeof(sg_free_list),
         sizeof(sg_dirent), offsetof(sg_dirent, name), offsetof(sg_dirent, obj), offsetof(sg_dirent, param),
         sizeof(sg_proc), offsetof(sg_proc, epoch),

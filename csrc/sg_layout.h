@@ -93,7 +93,8 @@ typedef struct sg_header {
     /* line 1: heap break. Written by carvers (CAS), read by carvers and stat. */
     uint64_t brk;         /* offset of the first byte never carved; grows up to heap_end */
     uint64_t heap_end;    /* == size; immutable */
-    uint8_t _pad2[SG_CACHE_LINE - 16];
+    uint64_t gap_bytes;   /* bytes skipped to align carved blocks; carvers add, stat reads */
+    uint8_t _pad2[SG_CACHE_LINE - 24];
 
     /* lines 2..121: one free list per size class, each on its own line */
     sg_free_list free[SG_NCLASSES];

@@ -95,7 +95,8 @@ typedef struct sg_proc_info {
 } sg_proc_info;
 
 typedef struct sg_heap_report {
-    uint64_t carved_bytes;     /* bytes carved from the heap break */
+    uint64_t carved_bytes;     /* bytes carved from the heap break, alignment gaps included */
+    uint64_t gap_bytes;        /* of which alignment gaps, never part of a block */
     uint64_t free_bytes;       /* bytes in blocks on the free lists */
     uint64_t free_blocks;
     uint64_t heap_bytes;       /* bytes between heap start and heap end */

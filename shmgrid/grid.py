@@ -290,10 +290,11 @@ class Grid:
         return {
             "heap_bytes": out.heap_bytes,
             "carved_bytes": out.carved_bytes,
+            "gap_bytes": out.gap_bytes,
             "free_bytes": out.free_bytes,
             "free_blocks": out.free_blocks,
             "reachable_bytes": reachable,
-            "leaked_bytes": max(0, out.carved_bytes - out.free_bytes - reachable),
+            "leaked_bytes": max(0, out.carved_bytes - out.gap_bytes - out.free_bytes - reachable),
             "maps": maps,
         }
 
