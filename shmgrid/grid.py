@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Union
 
@@ -96,9 +97,16 @@ _open_grids: "weakref.WeakSet[Grid]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    # An at-fork hook cannot raise to anyone; a child that finds the process
+    # table full still works, but other processes cannot see it is alive.
     for g in list(_open_grids):
-        if g._h is not None:
-            lib.sg_grid_after_fork(g._h)
+        if not g._closed and lib.sg_grid_after_fork(g._h) != 0:
+            warnings.warn(
+                f"grid {g._name!r}: forked child got no process-table slot: "
+                + ffi.string(lib.sg_errmsg()).decode("utf-8", "replace"),
+                RuntimeWarning,
+                stacklevel=1,
+            )
 
 
 if hasattr(os, "register_at_fork"):
