@@ -683,3 +683,43 @@ int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
     }
     return SG_OK;
 }
+
+/* ---- per-thread call contexts ------------------------------------------- */
+
+sg_io *sg_io_new(sg_map *m)
+{
+    sg_io *io = calloc(1, sizeof *io);
+    if (!io)
+        return NULL;
+    io->buf = malloc(m->max_value > 8 ? m->max_value : 8);
+    if (!io->buf) {
+        free(io);
+        return NULL;
+    }
+    io->map = m;
+    return io;
+}
+
+void sg_io_free(sg_io *io)
+{
+    if (io) {
+        free(io->buf);
+        free(io);
+    }
+}
+
+int64_t sg_io_get(sg_io *io, const char *key, size_t klen)
+{
+    return sg_map_get(io->map, key, klen, io->buf, io->map->max_value, &io->version);
+}
+
+int64_t sg_io_put(sg_io *io, const char *key, size_t klen, const char *val, size_t vlen)
+{
+    int rc = sg_map_put(io->map, key, klen, val, vlen, &io->version);
+    return rc ? rc : (int64_t)io->version;
+}
+
+int sg_io_incr(sg_io *io, const char *key, size_t klen, int64_t delta)
+{
+    return sg_map_incr(io->map, key, klen, delta, &io->result, &io->version);
+}

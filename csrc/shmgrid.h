@@ -162,6 +162,25 @@ int64_t sg_map_len(sg_map *m);
 int sg_map_next(sg_map *m, uint64_t *cursor, char *kout, size_t kcap, size_t *klen,
                 char *vout, size_t vcap, size_t *vlen, uint64_t *version);
 int sg_map_validate(sg_map *m, int repair, sg_map_report *out);
+
+/* A per-thread call context for the hot paths: every argument cffi must
+ * convert costs ~30 ns, more than a cached lookup, so the map, the output
+ * buffer and the out-values travel in one struct. One sg_io per thread. */
+typedef struct sg_io {
+    sg_map *map;
+    char *buf;        /* max(max_value, 8) bytes, owned by the sg_io */
+    uint64_t version; /* out: the key's version after the call */
+    int64_t result;   /* out: sg_io_incr's new value */
+} sg_io;
+
+sg_io *sg_io_new(sg_map *m);
+void sg_io_free(sg_io *io);
+/* Copies the value into io->buf; returns its length, SG_ENOKEY, or an error. */
+int64_t sg_io_get(sg_io *io, const char *key, size_t klen);
+/* Returns the key's new version (> 0), or a negative error. */
+int64_t sg_io_put(sg_io *io, const char *key, size_t klen, const char *val, size_t vlen);
+/* Returns SG_OK with the new value in io->result, or a negative error. */
+int sg_io_incr(sg_io *io, const char *key, size_t klen, int64_t delta);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

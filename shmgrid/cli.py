@@ -26,14 +26,14 @@ def _others(procs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [p for p in procs if p["pid"] != me]
 
 
-def _table(rows: List[Sequence[Any]], header: Sequence[str]) -> str:
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    rows = []
+    rows: List[Sequence[Any]] = []
     for name in list_segments():
         try:
             with Grid.attach(name) as g:

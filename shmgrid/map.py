@@ -28,6 +28,10 @@ Key = Union[str, BytesLike]
 
 _NO = lib.SG_NO
 _ABSENT = lib.SG_ENOKEY
+_io_get = lib.sg_io_get
+_io_put = lib.sg_io_put
+_io_incr = lib.sg_io_incr
+_unpack = ffi.unpack
 _MISSING: Any = object()
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
@@ -48,9 +52,24 @@ def _val(v: Any) -> bytes:
     raise TypeError(f"map values are bytes-like, not {type(v).__name__} (encode it first)")
 
 
-class _Buffers(threading.local):
-    """Per-thread output buffers: cffi releases the GIL during C calls, so
-    two threads must never share one."""
+class _PerThread(threading.local):
+    """Per-thread call state: cffi releases the GIL during C calls, so two
+    threads must never share an output buffer. ``io`` carries the map, the
+    value buffer and the out-values of the hot calls (get, put, incr)."""
+
+    def __init__(self, h: Any, value_cap: int) -> None:
+        io = lib.sg_io_new(h)
+        if io == ffi.NULL:
+            raise MemoryError("out of memory for a per-thread map buffer")
+        self.io = ffi.gc(io, lib.sg_io_free)
+        self.get_args = (self.io, self.io.buf)
+        self.val = self.io.buf
+        self.len = ffi.new("size_t *")
+        self.ver = ffi.new("uint64_t *")
+
+
+class _WalkBuffers:
+    """Buffers of one iteration (generators of one thread may interleave)."""
 
     def __init__(self, value_cap: int, key_cap: int) -> None:
         self.val = ffi.new("char[]", value_cap)
@@ -58,7 +77,6 @@ class _Buffers(threading.local):
         self.len = ffi.new("size_t *")
         self.klen = ffi.new("size_t *")
         self.ver = ffi.new("uint64_t *")
-        self.i64 = ffi.new("int64_t *")
         self.cursor = ffi.new("uint64_t *")
 
 
@@ -66,6 +84,13 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     """A named map in a :class:`~shmgrid.Grid`. Get one with ``grid.map(name)``."""
 
     __slots__ = ("_grid", "_h", "_name", "_cap", "_max_key", "_capacity", "_tls", "__weakref__")
+    _grid: Any
+    _h: Any
+    _name: str
+    _cap: int
+    _max_key: int
+    _capacity: int
+    _tls: _PerThread
 
     @classmethod
     def _open(
@@ -96,7 +121,7 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         mv = ffi.new("uint32_t *")
         lib.sg_map_params(m._h, cap, mk, mv)
         m._capacity, m._max_key, m._cap = cap[0], mk[0], mv[0]
-        m._tls = _Buffers(max(m._cap, 8), max(m._max_key, 1))
+        m._tls = _PerThread(m._h, max(m._cap, 8))
         return m
 
     # ---- properties -----------------------------------------------------------
@@ -125,22 +150,24 @@ class Map(MutableMapping):  # type: ignore[type-arg]
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if absent."""
-        k = key if type(key) is bytes else _key(key)
-        buf = self._tls.val
-        n = lib.sg_map_get(self._h, k, len(k), buf, self._cap, ffi.NULL)
+        if type(key) is not bytes:
+            key = _key(key)
+        io, buf = self._tls.get_args
+        n = _io_get(io, key, len(key))
         if n >= 0:
-            return ffi.unpack(buf, n)
+            return _unpack(buf, n)
         if n == _ABSENT:
             return default
         raise_for(n)
 
     def get_versioned(self, key: Key) -> Optional[Tuple[bytes, int]]:
         """``(value, version)`` of ``key``, or None if absent."""
-        k = key if type(key) is bytes else _key(key)
-        b = self._tls
-        n = lib.sg_map_get(self._h, k, len(k), b.val, self._cap, b.ver)
+        if type(key) is not bytes:
+            key = _key(key)
+        io, buf = self._tls.get_args
+        n = _io_get(io, key, len(key))
         if n >= 0:
-            return ffi.unpack(b.val, n), b.ver[0]
+            return _unpack(buf, n), io.version
         if n == _ABSENT:
             return None
         raise_for(n)
@@ -170,13 +197,14 @@ class Map(MutableMapping):  # type: ignore[type-arg]
 
     def put(self, key: Key, value: BytesLike) -> int:
         """Store ``value`` under ``key``; returns the key's new version."""
-        k = key if type(key) is bytes else _key(key)
-        v = value if type(value) is bytes else _val(value)
-        ver = self._tls.ver
-        rc = lib.sg_map_put(self._h, k, len(k), v, len(v), ver)
-        if rc:
-            raise_for(rc)
-        return ver[0]  # type: ignore[no-any-return]
+        if type(key) is not bytes:
+            key = _key(key)
+        if type(value) is not bytes:
+            value = _val(value)
+        ver = _io_put(self._tls.io, key, len(key), value, len(value))
+        if ver > 0:
+            return ver  # type: ignore[no-any-return]
+        raise_for(ver)
 
     def __setitem__(self, key: Key, value: BytesLike) -> None:
         self.put(key, value)
@@ -249,12 +277,13 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         endian) under ``key``, absent counting as 0; returns the new value."""
         if not isinstance(delta, int) or not _I64_MIN <= delta <= _I64_MAX:
             raise TypeError(f"delta must be an int in the int64 range, got {delta!r}")
-        k = key if type(key) is bytes else _key(key)
-        b = self._tls
-        rc = lib.sg_map_incr(self._h, k, len(k), delta, b.i64, b.ver)
+        if type(key) is not bytes:
+            key = _key(key)
+        io = self._tls.io
+        rc = _io_incr(io, key, len(key), delta)
         if rc:
             raise_for(rc)
-        return b.i64[0]  # type: ignore[no-any-return]
+        return io.result  # type: ignore[no-any-return]
 
     def setdefault(self, key: Key, default: BytesLike = b"") -> bytes:  # type: ignore[override]
         """The value of ``key``, storing ``default`` first if it is absent (atomic)."""
@@ -273,7 +302,7 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     # ---- iteration ------------------------------------------------------------
 
     def _walk(self) -> Iterator[Tuple[bytes, bytes, int]]:
-        b = _Buffers(max(self._cap, 8), max(self._max_key, 1))  # private: generators interleave
+        b = _WalkBuffers(max(self._cap, 8), max(self._max_key, 1))
         cursor = b.cursor
         cursor[0] = 0
         while True:
