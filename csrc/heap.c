@@ -1,5 +1,5 @@
 /*
- * heap.c - the segment's block allocator: power-of-two size classes, each a
+ * heap.c - the segment's block allocator: size classes four to a doubling, each a
  * lock-free Treiber stack of free blocks with a tagged head, fed by a break
  * that only grows.
  *
@@ -35,11 +35,14 @@ static int sg__carve(sg_grid *g, unsigned cls, uint64_t *off)
     uint64_t old = sg_load_relaxed(&h->brk);
     for (;;) {
         uint64_t start = (old + align - 1) & ~(align - 1);
-        if (start > h->heap_end || bs > h->heap_end - start)
+        if (old < SG_HEAP_OFF) /* damaged: never carve over the header */
+            return sg__fail(SG_ECORRUPT, "grid '%s': heap break %llu is below the heap", g->name,
+                            (unsigned long long)old);
+        if (start > g->size || bs > g->size - start) /* g->size: what is mapped, whatever the header says */
             return sg__fail(SG_ENOMEM,
                             "grid '%s' heap exhausted: a %llu-byte block does not fit in the %llu bytes left of %llu "
                             "(create the grid with a larger size)",
-                            g->name, (unsigned long long)bs, (unsigned long long)(h->heap_end - old),
+                            g->name, (unsigned long long)bs, (unsigned long long)(old < g->size ? g->size - old : 0),
                             (unsigned long long)g->size);
         /* relaxed: the break only hands out disjoint ranges of never-written,
          * zero memory; the block's contents are published later by the CAS
@@ -97,6 +100,10 @@ int sg__alloc(sg_grid *g, uint64_t payload, uint64_t *off, int *fresh)
 
 void sg__free(sg_grid *g, uint64_t off)
 {
+    /* SYNC POINT: block-reuse (release): a stale reader that sees the FREE
+     * meta or the link we store next also sees, after its acquire fence, the
+     * reference change that retired the block. */
+    sg_fence_release();
     sg_block *b = sg__block(g, off);
     if (!b)
         return; /* never ours: better leaked than a corrupted free list */
@@ -132,7 +139,7 @@ int sg_grid_validate(sg_grid *g, sg_heap_report *out)
                                       (unsigned long long)off);
                 return out->error;
             }
-            if (++n > carved) {
+            if (++n > carved || n > (g->size - SG_HEAP_OFF) / sg__class_size(c)) {
                 out->error = sg__fail(SG_ECORRUPT, "free list %u is longer than the %llu blocks carved (a cycle?)",
                                       c, (unsigned long long)carved);
                 return out->error;

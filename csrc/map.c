@@ -1,5 +1,5 @@
 /*
- * map.c - the lock-free hash map.
+ * map.c - the lock-free, elastic hash map.
  *
  * Open addressing over 16-byte slots {head, ref} (see sg_layout.h):
  *   - head binds a slot to one key for good (CAS from 0), so two inserters
@@ -13,50 +13,111 @@
  * step waits for another process. A process killed at any instruction
  * leaves the map valid; at worst it leaks the block it was writing, or a
  * slot reservation, or leaves len() off by one (validate(repair) recounts).
+ *
+ * Growth and reclamation (migration). When the latest table has no slot to
+ * spare, a process allocates a next table (larger, or the same size to drop
+ * deleted keys) and publishes it in table->next. From then on:
+ *   - copying is cooperative: every writer that meets the migration copies
+ *     one chunk of SG_COPY_CHUNK slots (claimed round-robin, so chunks of a
+ *     killed helper are taken again) and finalizes its own key's slot first;
+ *     readers never copy and never wait;
+ *   - a slot is copied by sealing an empty head (MOVED), or by freezing the
+ *     ref (FROZEN: no more writes here, the value is still current), binding
+ *     the key in the next table with the same key block and value block, and
+ *     marking the ref DONE (the next table is now the key's authority).
+ *     Tombstones and never-written keys are not copied: their versions raise
+ *     the map's version floor, above which re-stored keys start;
+ *   - when every chunk is copied, the map header is swung to the next table
+ *     and the old one is retired; it and the key blocks of dropped keys are
+ *     freed once every process inside a map operation entered after the
+ *     swing (epochs in the process table; dead processes are ignored).
+ * All of it is idempotent, so a process killed at any point of a migration
+ * leaves work that the next process finishes.
  */
 #include <stdlib.h>
 
 #include "sg_internal.h"
 
-#define SG_TAG_MASK ((1ull << 24) - 1)
+#define SG_AGAIN 2     /* internal: a migration began under us; locate again */
+#define SG_NEED_ROOM 3 /* internal: the latest table has no slot to spare */
 
-/* ---- the table ---------------------------------------------------------- */
+/* ---- tables ------------------------------------------------------------- */
 
-/* Load the current table through the map header, validating a table the
- * handle has not seen before. */
-static int sg__table(sg_map *m)
+typedef struct sg__tab {
+    uint64_t off;
+    sg_table_hdr *h;
+    sg_slot *slots;
+    uint64_t mask;
+    uint64_t chunk;   /* slots per copy chunk */
+    uint64_t nchunks;
+    uint64_t *bitmap; /* one bit per chunk: every slot in it is final */
+} sg__tab;
+
+static uint64_t sg__chunk(uint64_t nslots) { return nslots < SG_COPY_CHUNK ? nslots : SG_COPY_CHUNK; }
+static uint64_t sg__slot_limit(uint64_t nslots) { return nslots - nslots / 4; }
+
+static uint64_t sg__table_bytes(uint64_t nslots)
 {
-    if (!m || !m->g || !m->g->base)
-        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
-    uint64_t off = sg_load_acquire(&m->hdr->table);
-    if (off == m->table_off)
-        return SG_OK;
+    uint64_t nchunks = nslots / sg__chunk(nslots);
+    return sizeof(sg_table_hdr) + nslots * sizeof(sg_slot) + 8 * ((nchunks + 63) / 64);
+}
+
+/* The table at `off`, checked to be a whole table block. Table headers are
+ * immutable while the table is reachable (but `next`, the counters and the
+ * retire fields, which have their own accessors). */
+static int sg__tab_at(sg_map *m, uint64_t off, sg__tab *t)
+{
     sg_block *b = sg__block(m->g, off);
     if (!b || SG_META_KIND(sg_load_relaxed(&b->meta)) != SG_BLK_TABLE)
         return sg__fail(SG_ECORRUPT, "map table at offset %llu is not a table block", (unsigned long long)off);
-    sg_table_hdr *t = (sg_table_hdr *)b->payload;
-    uint64_t n = t->nslots;
-    uint64_t room = sg__class_size(SG_META_CLASS(b->meta)) - SG_BLOCK_HDR - sizeof *t;
-    if (n < 8 || (n & (n - 1)) || n > room / sizeof(sg_slot))
+    sg_table_hdr *h = (sg_table_hdr *)b->payload;
+    uint64_t n = h->nslots;
+    uint64_t room = sg__class_size(SG_META_CLASS(sg_load_relaxed(&b->meta))) - SG_BLOCK_HDR;
+    if (n < 8 || (n & (n - 1)) || n > (1ull << 40) || sg__table_bytes(n) > room)
         return sg__fail(SG_ECORRUPT, "map table at offset %llu has a bad slot count %llu", (unsigned long long)off,
                         (unsigned long long)n);
-    m->slots = (sg_slot *)(t + 1);
-    m->mask = n - 1;
-    m->table_off = off;
+    t->off = off;
+    t->h = h;
+    t->slots = (sg_slot *)(h + 1);
+    t->mask = n - 1;
+    t->chunk = sg__chunk(n);
+    t->nchunks = n / t->chunk;
+    t->bitmap = (uint64_t *)(t->slots + n);
     return SG_OK;
 }
+
+/* The oldest table in use. SYNC POINT: epoch (load): seq_cst, so it is
+ * ordered after this process's announcement in sg__enter. */
+static int sg__head(sg_map *m, sg__tab *t) { return sg__tab_at(m, sg_load_seq_cst(&m->hdr->table), t); }
+
+/* The table t migrates to: SG_OK, or SG_NO if none. SYNC POINT:
+ * table-publish (acquire): the next table was initialized before its CAS. */
+static int sg__next(sg_map *m, const sg__tab *t, sg__tab *n)
+{
+    uint64_t off = sg_load_acquire(&t->h->next);
+    if (!off)
+        return SG_NO;
+    int rc = sg__tab_at(m, off, n);
+    if (!rc && n->h->generation <= t->h->generation) /* a cycle would never end */
+        rc = sg__fail(SG_ECORRUPT, "map table generation %llu is followed by generation %llu",
+                      (unsigned long long)t->h->generation, (unsigned long long)n->h->generation);
+    return rc;
+}
+
+/* ---- keys --------------------------------------------------------------- */
 
 /* Does a payload of n bytes fit in the size class of a block with this
  * meta word? (A damaged or hostile segment must give an error, never a read
  * past the block.) */
 static inline int sg__fits(uint64_t meta, uint64_t n)
 {
-    return n <= sg__class_size(SG_META_CLASS(meta)) - SG_BLOCK_HDR;
+    return SG_META_CLASS(meta) < SG_NCLASSES && n <= sg__class_size(SG_META_CLASS(meta)) - SG_BLOCK_HDR;
 }
 
 /* Does bound head `h` name the key (key, klen, hash)? Key blocks are
- * immutable once their head is published, so plain reads are fine here:
- * the acquire load of head (SYNC POINT: key-publish) made them visible. */
+ * immutable once their head is published, and live at least as long as a
+ * table whose slot names them, so plain reads are fine here: the acquire
+ * load of head (SYNC POINT: key-publish) made them visible. */
 static int sg__key_is(sg_map *m, uint64_t h, const char *key, size_t klen, uint64_t hash, int *corrupt)
 {
     if (SG_HEAD_TAG(h) != hash >> 48)
@@ -77,34 +138,487 @@ static int sg__check_key(sg_map *m, size_t klen)
     return SG_OK;
 }
 
-/* Find the slot of a key. With `insert`, bind an empty slot to it if it has
- * none. Returns SG_OK with *out set, SG_NO (absent, no insert), or an error. */
-static int sg__find(sg_map *m, const char *key, size_t klen, uint64_t hash, int insert, sg_slot **out)
+enum { SG_P_FOUND, SG_P_EMPTY, SG_P_MOVED, SG_P_NONE };
+
+/* Probe table t for a key without binding: SG_P_FOUND (*idx is its slot),
+ * SG_P_EMPTY (*idx is the empty slot that ends its path: it is in no table
+ * from t on), SG_P_MOVED (*idx is a sealed slot: look in the next table),
+ * SG_P_NONE (every slot is bound to other keys), or a negative error. */
+static int sg__probe(sg_map *m, const sg__tab *t, const char *key, size_t klen, uint64_t hash, uint64_t *idx)
 {
-    int rc = sg__table(m);
+    uint64_t i = hash & t->mask;
+    for (uint64_t probe = 0; probe <= t->mask; probe++, i = (i + 1) & t->mask) {
+        /* SYNC POINT: key-publish (acquire): the key block a bound head names is visible */
+        uint64_t h = sg_load_acquire(&t->slots[i].head);
+        *idx = i;
+        if (h == 0)
+            return SG_P_EMPTY;
+        if (h == SG_HEAD_MOVED)
+            return SG_P_MOVED;
+        int corrupt = 0;
+        if (sg__key_is(m, h, key, klen, hash, &corrupt))
+            return SG_P_FOUND;
+        if (corrupt)
+            return sg__fail(SG_ECORRUPT, "map slot %llu names a bad key block", (unsigned long long)i);
+    }
+    return SG_P_NONE;
+}
+
+/* ---- consistent reads of a slot's current block ------------------------- */
+
+typedef struct sg__cur {
+    uint64_t ref;     /* the reference the snapshot was taken under (flags included) */
+    uint64_t version; /* 0 if never written */
+    uint32_t len;     /* value length (0 for a tombstone) */
+    int present;      /* a VALUE block (not a tombstone, not never-written) */
+    int equal;        /* with a comparand: the value equals it */
+} sg__cur;
+
+/* Snapshot the current block of slot s: its version and length, a copy of
+ * up to `cap` value bytes into `out` (may be NULL), and whether the value
+ * equals `cmp` (may be NULL). The snapshot is consistent: it was all true
+ * at the moment ref still held c->ref. A DONE ref is returned as it is,
+ * with nothing read: the key's value is in the next table. */
+static int sg__read(sg_map *m, sg_slot *s, sg__cur *c, char *out, size_t cap, const char *cmp, size_t cmplen)
+{
+    for (;;) {
+        /* SYNC POINT: value-publish (acquire): pairs with the writer's CAS on
+         * ref, so the block it names is filled. */
+        uint64_t r = sg_load_acquire(&s->ref);
+        memset(c, 0, sizeof *c);
+        c->ref = r;
+        if (SG_REF_OFF(r) == 0 || (r & SG_REF_DONE))
+            return SG_OK;
+        sg_block *b = sg__block(m->g, SG_REF_OFF(r));
+        if (!b)
+            return sg__fail(SG_ECORRUPT, "map value reference points outside the heap");
+        uint64_t meta = sg_load_relaxed(&b->meta);
+        uint64_t version = sg_load_relaxed(&b->word);
+        uint32_t len = SG_META_LEN(meta);
+        unsigned kind = SG_META_KIND(meta);
+        int sane = (kind == SG_BLK_VALUE || kind == SG_BLK_TOMB) && len <= m->max_value && sg__fits(meta, len);
+        int equal = 0;
+        if (sane && kind == SG_BLK_VALUE) {
+            if (out)
+                sg_copy_out(out, b->payload, len < cap ? len : cap);
+            if (cmp)
+                equal = cmplen == len && sg_compare_shared(b->payload, cmp, len) == 0;
+        }
+        /* SYNC POINT: block-reuse (acquire): if anything read above came from
+         * a writer that reused the block, the ref load below sees the change
+         * that retired it. */
+        sg_fence_acquire();
+        if (sg_load_acquire(&s->ref) != r)
+            continue; /* changed under us: the copy may be torn; again */
+        /* The ref's 22-bit tag can come round to the same value after 2^22
+         * changes while this reader is stalled; the block's version cannot
+         * (a key's versions only grow), so a recycled block shows here. */
+        if (sg_load_relaxed(&b->word) != version)
+            continue;
+        if (!sane)
+            return sg__fail(SG_ECORRUPT, "map value block has kind %u and length %u", kind, len);
+        c->version = version;
+        c->len = kind == SG_BLK_VALUE ? len : 0;
+        c->present = kind == SG_BLK_VALUE;
+        c->equal = equal;
+        return SG_OK;
+    }
+}
+
+/* Read a key from table t on, following migrations: SG_OK with *c (c->ref
+ * 0 if the key is in no table), or an error. */
+static int sg__lookup(sg_map *m, sg__tab t, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
+                      sg__cur *c)
+{
+    for (;;) {
+        uint64_t idx;
+        int pr = sg__probe(m, &t, key, klen, hash, &idx);
+        if (pr < 0)
+            return pr;
+        if (pr == SG_P_FOUND) {
+            int rc = sg__read(m, &t.slots[idx], c, out, cap, NULL, 0);
+            if (rc || !(c->ref & SG_REF_DONE))
+                return rc;
+        } else if (pr != SG_P_MOVED) {
+            memset(c, 0, sizeof *c); /* EMPTY or NONE: in no table */
+            return SG_OK;
+        }
+        /* MOVED or DONE: the key's authority is the next table */
+        sg__tab n;
+        int rc = sg__next(m, &t, &n);
+        if (rc)
+            return rc == SG_NO ? sg__fail(SG_ECORRUPT, "map slot sealed by a migration with no next table") : rc;
+        t = n;
+    }
+}
+
+/* ---- epochs: when may a retired table be freed -------------------------- */
+
+static uint64_t *sg__announcement(sg_map *m)
+{
+    return &((sg_proc *)(m->g->base + SG_PROC_OFF))[m->g->slot].epoch;
+}
+
+/* Enter a map operation: announce the global epoch in this process's slot
+ * (or count one more thread in, keeping the older epoch). */
+static int sg__enter(sg_map *m)
+{
+    sg_grid *g = m->g;
+    if (!g || !g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    if (g->slot >= SG_PROC_SLOTS)
+        return sg__fail(SG_EPROCFULL, "this process has no slot in the process table of grid '%s' (it was full)",
+                        g->name);
+    uint64_t *w = sg__announcement(m);
+    uint64_t cur = sg_load_relaxed(w);
+    for (;;) {
+        if ((cur & 0xffff) == 0xffff)
+            return sg__fail(SG_EBUSY, "more than 65534 threads of this process are inside map operations");
+        uint64_t want = (cur & 0xffff) ? cur + 1 : (sg_load_seq_cst(&sg__hdr(g)->epoch) << 16) | 1;
+        /* SYNC POINT: epoch (announce): seq_cst, ordered before this
+         * operation's loads of the map's table (sg__head). */
+        if (sg_cas_seq_cst(w, &cur, want))
+            return SG_OK;
+    }
+}
+
+static void sg__reclaim(sg_map *m);
+
+static void sg__exit(sg_map *m)
+{
+    /* release: this operation's reads of a table happen before a
+     * reclaimer sees the count drop and frees it */
+    sg_fetch_sub_release(sg__announcement(m), 1);
+    if (sg_load_relaxed(&m->hdr->retired) && sg_countdown(&m->reclaim_countdown) <= 0) {
+        sg_countdown_set(&m->reclaim_countdown, 64);
+        sg__reclaim(m);
+    }
+}
+
+/* Is every process inside a map operation past epoch e (or dead)? */
+static int sg__quiescent(sg_grid *g, uint64_t e)
+{
+    sg_proc *procs = (sg_proc *)(g->base + SG_PROC_OFF);
+    for (uint32_t i = 0; i < SG_PROC_SLOTS; i++) {
+        /* SYNC POINT: epoch (scan) */
+        uint64_t w = sg_load_seq_cst(&procs[i].epoch);
+        if ((w & 0xffff) == 0 || (w >> 16) >= e)
+            continue;
+        uint64_t owner = sg_load_acquire(&procs[i].owner);
+        if (owner && sg__word_alive(owner))
+            return 0;
+    }
+    return 1;
+}
+
+static void sg__retire_push(sg_map *m, const sg__tab *t)
+{
+    uint64_t head = sg_load_relaxed(&m->hdr->retired);
+    do {
+        sg_store_relaxed(&t->h->retired_next, head);
+        /* release: publishes retired_next and retired_epoch to the reclaimer */
+    } while (!sg_cas_release(&m->hdr->retired, &head, t->off));
+}
+
+/* Free a retired table: the key blocks of the keys it dropped (the copied
+ * ones now belong to the next table), then the table. */
+static void sg__free_table(sg_map *m, const sg__tab *t)
+{
+    for (uint64_t i = 0; i <= t->mask; i++) {
+        uint64_t h = sg_load_relaxed(&t->slots[i].head), r = sg_load_relaxed(&t->slots[i].ref);
+        if (h != 0 && h != SG_HEAD_MOVED && (r & SG_REF_DONE) && SG_REF_OFF(r) == 0)
+            sg__free(m->g, SG_HEAD_OFF(h));
+    }
+    sg__free(m->g, t->off);
+}
+
+/* Free the retired tables no process can still be reading, one at a time:
+ * unlink it, then free it, so a reclaimer killed at any point loses at most
+ * the one table it was freeing. One reclaimer at a time (a claim word in
+ * the map header; a dead claimant's claim is taken over). Retirers only
+ * ever push at the head, so links past the head are the claimant's alone. */
+static void sg__reclaim(sg_map *m)
+{
+    sg_map_hdr *mh = m->hdr;
+    uint64_t cur = sg_load_acquire(&mh->reclaimer);
+    if (cur && (cur == m->g->self || sg__word_alive(cur)))
+        return; /* someone is at it */
+    if (!sg_cas_acq_rel(&mh->reclaimer, &cur, m->g->self))
+        return;
+    uint64_t *link = &mh->retired;
+    for (uint64_t k = 0; k < (1u << 20); k++) {
+        uint64_t off = sg_load_acquire(link);
+        if (!off)
+            break;
+        sg__tab t;
+        if (sg__tab_at(m, off, &t))
+            break; /* damaged list: leak rather than guess */
+        uint64_t after = sg_load_relaxed(&t.h->retired_next);
+        if (!sg__quiescent(m->g, sg_load_relaxed(&t.h->retired_epoch))) {
+            link = &t.h->retired_next;
+            continue;
+        }
+        /* Unlink: the head by CAS (retirers push there), others by store. */
+        if (link == &mh->retired) {
+            uint64_t expected = off;
+            if (!sg_cas_acq_rel(link, &expected, after))
+                continue; /* a retirer pushed: look again from the new head */
+        } else {
+            sg_store_release(link, after);
+        }
+        sg__free_table(m, &t);
+    }
+    uint64_t mine = m->g->self;
+    sg_cas_acq_rel(&mh->reclaimer, &mine, 0);
+}
+
+/* ---- migration ---------------------------------------------------------- */
+
+static void sg__raise_floor(sg_map *m, uint64_t version)
+{
+    uint64_t cur = sg_load_relaxed(&m->hdr->version_floor);
+    while (cur < version && !sg_cas_acq_rel(&m->hdr->version_floor, &cur, version))
+        ;
+}
+
+/* Bind the key of head h in table n (the same key block) and give it the
+ * value block `off`, unless a copier already did. */
+static int sg__copy_into(sg_map *m, const sg__tab *n, uint64_t h, uint64_t off)
+{
+    sg_block *kb = sg__block(m->g, SG_HEAD_OFF(h));
+    if (!kb || SG_META_KIND(kb->meta) != SG_BLK_KEY || !sg__fits(kb->meta, SG_META_LEN(kb->meta)))
+        return sg__fail(SG_ECORRUPT, "migration: a slot names a bad key block");
+    const char *key = (const char *)kb->payload;
+    size_t klen = SG_META_LEN(kb->meta);
+    uint64_t hash = kb->word, i = hash & n->mask;
+    for (uint64_t probe = 0; probe <= n->mask; probe++, i = (i + 1) & n->mask) {
+        sg_slot *s = &n->slots[i];
+        uint64_t cur = sg_load_acquire(&s->head);
+        if (cur == 0) {
+            /* Copies are not held to slot_limit: inserters leave room for
+             * every slot still to copy (sg__find_latest). */
+            sg_fetch_add_relaxed(&n->h->used, 1);
+            /* SYNC POINT: key-publish (release) */
+            if (sg_cas_release(&s->head, &cur, h))
+                goto bound;
+            sg_fetch_sub_relaxed(&n->h->used, 1);
+            cur = sg_load_acquire(&s->head);
+        }
+        int corrupt = 0;
+        if (cur == h || sg__key_is(m, cur, key, klen, hash, &corrupt))
+            goto bound;
+        if (corrupt || cur == SG_HEAD_MOVED)
+            return sg__fail(SG_ECORRUPT, "migration: bad slot %llu in the next table", (unsigned long long)i);
+        continue;
+    bound:;
+        uint64_t expected = 0;
+        /* SYNC POINT: value-publish (release). If it fails, a copier or a
+         * writer (who only writes here after the old slot is DONE) set it. */
+        sg_cas_release(&s->ref, &expected, SG_REF(1, off));
+        return SG_OK;
+    }
+    return sg__fail(SG_ECORRUPT, "migration: the next table has no free slot");
+}
+
+/* Make slot i of table t final: MOVED, or DONE with the key's value (if
+ * any) bound in the next table n. Idempotent: any number of processes may
+ * run it on one slot at once, and one killed half-way leaves a state that
+ * the next caller finishes. */
+static int sg__copy_slot(sg_map *m, const sg__tab *t, const sg__tab *n, uint64_t i)
+{
+    sg_slot *s = &t->slots[i];
+    uint64_t h = sg_load_acquire(&s->head);
+    if (h == 0 && sg_cas_acq_rel(&s->head, &h, SG_HEAD_MOVED))
+        return SG_OK; /* sealed: no key binds here any more */
+    if (h == SG_HEAD_MOVED)
+        return SG_OK;
+    uint64_t r = sg_load_acquire(&s->ref);
+    while (!(r & SG_REF_FROZEN))
+        if (sg_cas_acq_rel(&s->ref, &r, r | SG_REF_FROZEN))
+            r |= SG_REF_FROZEN;
+    if (r & SG_REF_DONE)
+        return SG_OK;
+
+    /* Frozen: only copiers change this ref now, and only to DONE. Its block
+     * is not retired before DONE, but a copier that got there first may
+     * have freed a tombstone, so read the block, then check the ref is
+     * still this one (SYNC POINT: block-reuse). */
+    uint64_t off = SG_REF_OFF(r), done = (r & ~((1ull << 40) - 1)) | SG_REF_DONE; /* dropped: offset 0 */
+    int tomb = 0;
+    if (off) {
+        sg_block *b = sg__block(m->g, off);
+        if (!b)
+            return sg__fail(SG_ECORRUPT, "migration: a value reference points outside the heap");
+        uint64_t meta = sg_load_relaxed(&b->meta), version = sg_load_relaxed(&b->word);
+        sg_fence_acquire();
+        if (sg_load_relaxed(&s->ref) != r)
+            return SG_OK; /* another copier finished the slot */
+        if (SG_META_KIND(meta) == SG_BLK_VALUE) {
+            int rc = sg__copy_into(m, n, h, off);
+            if (rc)
+                return rc;
+            done = r | SG_REF_DONE; /* keeps the offset: the key block now belongs to n */
+        } else if (SG_META_KIND(meta) == SG_BLK_TOMB) {
+            sg__raise_floor(m, version); /* before DONE: see sg__apply's first version */
+            tomb = 1;
+        } else {
+            return sg__fail(SG_ECORRUPT, "migration: a value reference names a block of kind %u",
+                            SG_META_KIND(meta));
+        }
+    }
+    if (sg_cas_acq_rel(&s->ref, &r, done) && tomb)
+        sg__free(m->g, off); /* unreachable now; stale readers re-validate */
+    return SG_OK;
+}
+
+/* Swing the map header from t to its next table, once every chunk of t is
+ * copied, and retire t. Idempotent. */
+static void sg__promote(sg_map *m, const sg__tab *t)
+{
+    uint64_t expected = t->off, next = sg_load_acquire(&t->h->next);
+    /* SYNC POINT: epoch (swing): seq_cst, before the epoch bump below */
+    if (!sg_cas_seq_cst(&m->hdr->table, &expected, next))
+        return;
+    uint64_t e = sg_fetch_add_seq_cst(&sg__hdr(m->g)->epoch, 1) + 1;
+    sg_store_relaxed(&t->h->retired_epoch, e);
+    sg__retire_push(m, t);
+    sg_countdown_set(&m->reclaim_countdown, 0);
+}
+
+/* Copy one chunk of t into n (the next not yet done, round-robin). */
+static int sg__help(sg_map *m, const sg__tab *t, const sg__tab *n)
+{
+    if (sg_load_acquire(&t->h->chunks_done) >= t->nchunks) {
+        sg__promote(m, t);
+        return SG_OK;
+    }
+    for (uint64_t tries = 0; tries < t->nchunks; tries++) {
+        uint64_t k = sg_fetch_add_relaxed(&t->h->copy_claim, 1) % t->nchunks;
+        uint64_t *word = &t->bitmap[k / 64], bit = 1ull << (k % 64);
+        if (sg_load_acquire(word) & bit)
+            continue;
+        for (uint64_t i = k * t->chunk; i < (k + 1) * t->chunk; i++) {
+            int rc = sg__copy_slot(m, t, n, i);
+            if (rc)
+                return rc;
+        }
+        /* SYNC POINT: chunk-done: acq_rel, so whoever sees the bit (or the
+         * count) and promotes sees every slot of the chunk final. */
+        if (!(sg_fetch_or_acq_rel(word, bit) & bit) &&
+            sg_fetch_add_seq_cst(&t->h->chunks_done, 1) + 1 == t->nchunks)
+            sg__promote(m, t);
+        return SG_OK;
+    }
+    /* Every chunk claimed came up copied. The count lags if a helper was
+     * killed between its bit and its count: the bitmap is the truth. */
+    for (uint64_t k = 0; k < t->nchunks; k += 64) {
+        uint64_t left = t->nchunks - k, full = left >= 64 ? ~0ull : (1ull << left) - 1;
+        if ((sg_load_acquire(&t->bitmap[k / 64]) & full) != full)
+            return SG_OK;
+    }
+    sg__promote(m, t);
+    return SG_OK;
+}
+
+/* Slots for a next table when the map holds `live` keys: room for twice
+ * as many, never below the first table's size nor above max_slots. */
+static int sg__next_size(sg_map *m, uint64_t live, uint64_t *nslots)
+{
+    uint64_t want = m->hdr->min_slots, max = m->hdr->max_slots;
+    while (sg__slot_limit(want) < 2 * live + 64 && (!max || want < max))
+        want <<= 1;
+    if (sg__slot_limit(want) < live + live / 8 + 16)
+        return sg__fail(SG_EFULL, "map is full: %llu keys present, and max_capacity %llu allows no more",
+                        (unsigned long long)live, (unsigned long long)sg__slot_limit(max));
+    *nslots = want;
+    return SG_OK;
+}
+
+/* Begin migrating t, the head table, unless a migration already began. */
+static int sg__start_migration(sg_map *m, const sg__tab *t)
+{
+    if (sg_load_acquire(&t->h->next))
+        return SG_OK;
+    int64_t live = (int64_t)sg_load_relaxed(&m->hdr->live);
+    uint64_t nslots = 0, off;
+    int fresh;
+    int rc = sg__next_size(m, live < 0 ? 0 : (uint64_t)live, &nslots);
     if (rc)
         return rc;
-    sg_grid *g = m->g;
-    uint64_t mask = m->mask, idx = hash & mask;
-    uint64_t newkey = 0; /* our unpublished key block, if we made one */
-    int reserved = 0, corrupt = 0, fresh;
+    uint64_t bytes = sg__table_bytes(nslots);
+    rc = sg__alloc(m->g, bytes, &off, &fresh);
+    if (rc)
+        return sg__fail(SG_EFULL, "map cannot grow: the grid heap has no room for a table of %llu slots (%llu "
+                                  "bytes); create the grid with a larger size",
+                        (unsigned long long)nslots, (unsigned long long)bytes);
+    sg_block *b = (sg_block *)(m->g->base + off);
+    sg_table_hdr *h = (sg_table_hdr *)b->payload;
+    if (!fresh) /* carved memory is zero; recycled memory is not */
+        memset(h, 0, bytes);
+    h->nslots = nslots;
+    h->generation = t->h->generation + 1;
+    h->slot_limit = sg__slot_limit(nslots);
+    sg_store_relaxed(&b->meta, SG_META(SG_META_CLASS(sg_load_relaxed(&b->meta)), SG_BLK_TABLE, bytes));
+    uint64_t expected = 0;
+    /* SYNC POINT: table-publish (release): the table is initialized */
+    if (!sg_cas_release(&t->h->next, &expected, off))
+        sg__free(m->g, off); /* another process began it first */
+    return SG_OK;
+}
 
-    for (uint64_t probe = 0; probe <= mask; probe++, idx = (idx + 1) & mask) {
-        sg_slot *s = &m->slots[idx];
-        /* SYNC POINT: key-publish (acquire): the key block a bound head names is visible */
+/* Help until no migration is under way. */
+static int sg__finish(sg_map *m)
+{
+    for (;;) {
+        int rc = sg__enter(m);
+        if (rc)
+            return rc;
+        sg__tab t, n;
+        rc = sg__head(m, &t);
+        if (rc == SG_OK) {
+            rc = sg__next(m, &t, &n);
+            if (rc == SG_OK)
+                rc = sg__help(m, &t, &n);
+            else if (rc == SG_NO) {
+                sg__exit(m);
+                return SG_OK;
+            }
+        }
+        sg__exit(m);
+        if (rc)
+            return rc;
+    }
+}
+
+/* ---- finding the slot to write ------------------------------------------ */
+
+/* Find or bind a key's slot in t, the latest table. p is t's predecessor
+ * while it still migrates into t (else NULL): inserts then leave room for
+ * every slot of p not yet copied, so copies always find a free slot.
+ * Returns SG_OK (*out), SG_NO (absent, no insert), SG_AGAIN, SG_NEED_ROOM,
+ * or an error. */
+static int sg__find_latest(sg_map *m, const sg__tab *t, const sg__tab *p, const char *key, size_t klen,
+                           uint64_t hash, int insert, sg_slot **out)
+{
+    sg_grid *g = m->g;
+    uint64_t i = hash & t->mask;
+    uint64_t newkey = 0; /* our unpublished key block, if we made one */
+    int reserved = 0, fresh, rc;
+
+    for (uint64_t probe = 0; probe <= t->mask; probe++, i = (i + 1) & t->mask) {
+        sg_slot *s = &t->slots[i];
+        /* SYNC POINT: key-publish (acquire) */
         uint64_t h = sg_load_acquire(&s->head);
         if (h == 0) {
             if (!insert)
                 return SG_NO;
             if (!reserved) {
-                /* Reserve a slot before binding, so bound slots never exceed
-                 * slot_limit and probes stay short. */
-                if (sg_fetch_add_relaxed(&m->hdr->used, 1) >= m->hdr->slot_limit) {
-                    sg_fetch_sub_relaxed(&m->hdr->used, 1);
-                    rc = sg__fail(SG_EFULL,
-                                  "map is full: %llu distinct keys have been stored (capacity %llu; slots of "
-                                  "deleted keys are not reused yet)",
-                                  (unsigned long long)m->hdr->slot_limit, (unsigned long long)m->hdr->capacity);
+                uint64_t need = 1;
+                if (p)
+                    need += (p->nchunks - sg_load_acquire(&p->h->chunks_done)) * p->chunk;
+                if (sg_fetch_add_relaxed(&t->h->used, 1) + need > t->h->slot_limit) {
+                    sg_fetch_sub_relaxed(&t->h->used, 1);
+                    rc = SG_NEED_ROOM;
                     goto fail;
                 }
                 reserved = 1;
@@ -127,90 +641,90 @@ static int sg__find(sg_map *m, const char *key, size_t klen, uint64_t hash, int 
                 *out = s;
                 return SG_OK;
             }
-            /* Lost the slot to another inserter; h is its key. Re-read with
-             * acquire before looking at that key block. */
-            h = sg_load_acquire(&s->head);
+            h = sg_load_acquire(&s->head); /* lost the slot: whose is it? */
         }
+        if (h == SG_HEAD_MOVED) {
+            rc = SG_AGAIN; /* a migration of t began */
+            goto fail;
+        }
+        int corrupt = 0;
         if (sg__key_is(m, h, key, klen, hash, &corrupt)) {
             if (newkey)
                 sg__free(g, newkey);
             if (reserved)
-                sg_fetch_sub_relaxed(&m->hdr->used, 1);
+                sg_fetch_sub_relaxed(&t->h->used, 1);
             *out = s;
             return SG_OK;
         }
         if (corrupt) {
-            rc = sg__fail(SG_ECORRUPT, "map slot %llu names a bad key block", (unsigned long long)idx);
+            rc = sg__fail(SG_ECORRUPT, "map slot %llu names a bad key block", (unsigned long long)i);
             goto fail;
         }
     }
-    if (!insert)
-        return SG_NO;
-    rc = sg__fail(SG_EFULL, "map is full: no free slot among %llu", (unsigned long long)(mask + 1));
+    rc = insert ? SG_NEED_ROOM : SG_NO;
 fail:
     if (newkey)
         sg__free(g, newkey);
     if (reserved)
-        sg_fetch_sub_relaxed(&m->hdr->used, 1);
+        sg_fetch_sub_relaxed(&t->h->used, 1);
     return rc;
 }
 
-/* ---- consistent reads of a slot's current block ------------------------- */
-
-typedef struct sg__cur {
-    uint64_t ref;     /* the reference the snapshot was taken under */
-    uint64_t version; /* 0 if never written */
-    uint32_t len;     /* value length (0 for a tombstone) */
-    int present;      /* a VALUE block (not a tombstone, not never-written) */
-    int equal;        /* with a comparand: the value equals it */
-} sg__cur;
-
-/* Snapshot the current block of slot s: its version and length, a copy of
- * up to `cap` value bytes into `out` (may be NULL), and whether the value
- * equals `cmp` (may be NULL). The snapshot is consistent: it was all true
- * at the moment ref still held c->ref. */
-static int sg__read(sg_map *m, sg_slot *s, sg__cur *c, char *out, size_t cap, const char *cmp, size_t cmplen)
+/* Make the key's slot in a migrating table t final, so that the next table
+ * is its only authority. */
+static int sg__settle_key(sg_map *m, const sg__tab *t, const sg__tab *n, const char *key, size_t klen,
+                          uint64_t hash)
 {
     for (;;) {
-        /* SYNC POINT: value-publish (acquire): pairs with the writer's CAS on
-         * ref, so the block it names is filled. */
-        uint64_t r = sg_load_acquire(&s->ref);
-        c->ref = r;
-        if (r == 0) {
-            c->version = 0;
-            c->len = 0;
-            c->present = 0;
-            c->equal = 0;
+        uint64_t idx;
+        int pr = sg__probe(m, t, key, klen, hash, &idx);
+        if (pr < 0)
+            return pr;
+        if (pr == SG_P_MOVED || pr == SG_P_NONE)
             return SG_OK;
+        int rc = sg__copy_slot(m, t, n, idx); /* FOUND: copy it; EMPTY: seal it */
+        if (rc || pr == SG_P_FOUND)
+            return rc;
+        /* the empty slot was bound meanwhile (and is now copied): probe on */
+    }
+}
+
+/* The slot a write of the key goes to: in the latest table, after helping
+ * any migration and settling the key in older tables. */
+static int sg__locate(sg_map *m, const char *key, size_t klen, uint64_t hash, int insert, sg__tab *lt,
+                      sg_slot **out)
+{
+    for (;;) {
+        sg__tab t, n, p;
+        int has_p = 0;
+        int rc = sg__head(m, &t);
+        if (rc)
+            return rc;
+        while ((rc = sg__next(m, &t, &n)) == SG_OK) {
+            rc = sg__help(m, &t, &n);
+            if (!rc)
+                rc = sg__settle_key(m, &t, &n, key, klen, hash);
+            if (rc)
+                return rc;
+            p = t;
+            has_p = 1;
+            t = n;
         }
-        sg_block *b = sg__block(m->g, SG_TAGGED_OFF(r));
-        if (!b)
-            return sg__fail(SG_ECORRUPT, "map value reference points outside the heap");
-        uint64_t meta = sg_load_relaxed(&b->meta);
-        uint64_t version = sg_load_relaxed(&b->word);
-        uint32_t len = SG_META_LEN(meta);
-        unsigned kind = SG_META_KIND(meta);
-        int sane = (kind == SG_BLK_VALUE || kind == SG_BLK_TOMB) && len <= m->max_value && sg__fits(meta, len);
-        int equal = 0;
-        if (sane && kind == SG_BLK_VALUE) {
-            if (out)
-                sg_copy_out(out, b->payload, len < cap ? len : cap);
-            if (cmp)
-                equal = cmplen == len && sg_compare_shared(b->payload, cmp, len) == 0;
+        if (rc != SG_NO)
+            return rc;
+        rc = sg__find_latest(m, &t, has_p ? &p : NULL, key, klen, hash, insert, out);
+        if (rc == SG_NEED_ROOM) {
+            /* Grow (or clean) the head table; or, while an older migration
+             * still fills t, help it along first. */
+            rc = has_p ? sg__help(m, &p, &t) : sg__start_migration(m, &t);
+            if (rc)
+                return rc;
+            continue;
         }
-        /* SYNC POINT: block-reuse (acquire): if anything read above came from
-         * a writer that reused the block, the ref load below sees the change
-         * that retired it. */
-        sg_fence_acquire();
-        if (sg_load_relaxed(&s->ref) != r)
-            continue; /* changed under us: the copy may be torn; again */
-        if (!sane)
-            return sg__fail(SG_ECORRUPT, "map value block has kind %u and length %u", kind, len);
-        c->version = version;
-        c->len = kind == SG_BLK_VALUE ? len : 0;
-        c->present = kind == SG_BLK_VALUE;
-        c->equal = equal;
-        return SG_OK;
+        if (rc != SG_AGAIN) {
+            *lt = t;
+            return rc;
+        }
     }
 }
 
@@ -242,8 +756,38 @@ static void sg__count(sg_map *m, int was, int now)
         sg_fetch_sub_relaxed(&m->hdr->live, 1);
 }
 
+/* Decide, from a consistent snapshot of the key, whether the update goes
+ * ahead (1), is refused (0), or fails (negative). */
+static int sg__decide(sg__update *u, const sg__cur *c, int64_t cur, sg_block *nb)
+{
+    switch (u->op) {
+    case OP_PUT:
+        return 1;
+    case OP_PUT_IF_ABSENT:
+        return !c->present;
+    case OP_REPLACE:
+        return c->present && c->equal;
+    case OP_CAS_VERSION:
+        return u->expected_version == 0 ? !c->present : (c->present && c->version == u->expected_version);
+    case OP_DELETE:
+        u->oldlen = c->len;
+        return c->present;
+    case OP_INCR:
+        if (c->present && c->len != 8)
+            return sg__fail(SG_ENOTINT, "incr: the key holds a %u-byte value, not an 8-byte int64", c->len);
+        /* values are stored little-endian; every supported host is */
+        if (__builtin_add_overflow(cur, u->delta, &u->result))
+            return sg__fail(SG_EOVERFLOW, "incr: %lld + %lld overflows int64", (long long)cur, (long long)u->delta);
+        sg_copy_in(nb->payload, &u->result, 8);
+        return 1;
+    }
+    return 0;
+}
+
 static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
 {
+    if (!m || !m->g || !m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
     int rc = sg__check_key(m, klen);
     if (rc)
         return rc;
@@ -257,14 +801,6 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
     uint64_t hash = sg_hash64(key, klen);
     int creates = u->op == OP_PUT || u->op == OP_PUT_IF_ABSENT || u->op == OP_INCR ||
                   (u->op == OP_CAS_VERSION && u->expected_version == 0);
-    sg_slot *s;
-    rc = sg__find(m, key, klen, hash, creates, &s);
-    if (rc == SG_NO) {
-        u->version = 0;
-        return SG_NO; /* DELETE/REPLACE/CAS of a key that was never stored */
-    }
-    if (rc)
-        return rc;
 
     /* The new block, filled except for its version (and the INCR value). */
     uint64_t nb_off;
@@ -278,77 +814,70 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
     if (kind == SG_BLK_VALUE && u->op != OP_INCR)
         sg_copy_in(nb->payload, u->val, vlen);
 
+    rc = sg__enter(m);
+    if (rc) {
+        sg__free(m->g, nb_off);
+        return rc;
+    }
     for (;;) {
-        sg__cur c;
-        int64_t cur = 0;
-        char *copy = NULL;
-        size_t cap = 0;
-        if (u->op == OP_INCR) {
-            copy = (char *)&cur;
-            cap = sizeof cur;
-        } else if (u->op == OP_DELETE) {
-            copy = u->old;
-            cap = u->oldcap;
-        }
-        rc = sg__read(m, s, &c, copy, cap, u->op == OP_REPLACE ? u->expected : NULL, u->elen);
+        sg_slot *s = NULL;
+        sg__tab t;
+        rc = sg__locate(m, key, klen, hash, creates, &t, &s);
+        if (rc == SG_NO)
+            u->version = 0; /* DELETE/REPLACE/CAS of a key in no table */
         if (rc)
             break;
-
-        int go;
-        switch (u->op) {
-        case OP_PUT:
-            go = 1;
-            break;
-        case OP_PUT_IF_ABSENT:
-            go = !c.present;
-            break;
-        case OP_REPLACE:
-            go = c.present && c.equal;
-            break;
-        case OP_CAS_VERSION:
-            go = u->expected_version == 0 ? !c.present : (c.present && c.version == u->expected_version);
-            break;
-        case OP_DELETE:
-            go = c.present;
-            u->oldlen = c.len;
-            break;
-        case OP_INCR:
-            if (c.present && c.len != 8) {
-                rc = sg__fail(SG_ENOTINT, "incr: the key holds a %u-byte value, not an 8-byte int64", c.len);
+        for (;;) {
+            sg__cur c;
+            int64_t cur = 0;
+            char *copy = u->op == OP_INCR ? (char *)&cur : u->op == OP_DELETE ? u->old : NULL;
+            size_t cap = u->op == OP_INCR ? sizeof cur : u->op == OP_DELETE ? u->oldcap : 0;
+            rc = sg__read(m, s, &c, copy, cap, u->op == OP_REPLACE ? u->expected : NULL, u->elen);
+            if (rc)
+                goto out;
+            if (c.ref & (SG_REF_FROZEN | SG_REF_DONE)) {
+                /* A migration took the slot: locate again. Copiers freeze
+                 * only after the next table is published (acquire chain),
+                 * so a frozen slot in a table with none is damage. */
+                if (!sg_load_acquire(&t.h->next)) {
+                    rc = sg__fail(SG_ECORRUPT, "map slot is frozen, yet its table has no migration");
+                    goto out;
+                }
+                break;
+            }
+            int go = sg__decide(u, &c, cur, nb);
+            if (go < 0) {
+                rc = go;
                 goto out;
             }
-            /* values are stored little-endian; every supported host is */
-            if (__builtin_add_overflow(cur, u->delta, &u->result)) {
-                rc = sg__fail(SG_EOVERFLOW, "incr: %lld + %lld overflows int64", (long long)cur,
-                              (long long)u->delta);
+            if (!go) {
+                u->version = c.version;
+                rc = SG_NO;
                 goto out;
             }
-            sg_copy_in(nb->payload, &u->result, 8);
-            go = 1;
-            break;
-        default:
-            go = 0;
+            /* A key never written in this table starts above every version
+             * a migration forgot (SYNC POINT: the floor was raised before
+             * the DONE we passed through, acq_rel). */
+            uint64_t base = c.ref ? c.version : sg_load_acquire(&m->hdr->version_floor);
+            sg_store_relaxed(&nb->word, base + 1);
+            uint64_t r = c.ref;
+            /* SYNC POINT: value-publish (release): the new block's meta,
+             * version and payload are visible to every reader that acquires
+             * ref. Acquire on success orders our free of the old block after
+             * the CAS. */
+            if (sg_cas_acq_rel(&s->ref, &r, SG_REF(SG_REF_TAG(c.ref) + 1, nb_off))) {
+                if (c.ref)
+                    sg__free(m->g, SG_REF_OFF(c.ref));
+                sg__count(m, c.present, kind == SG_BLK_VALUE);
+                u->version = base + 1;
+                sg__exit(m);
+                return SG_OK;
+            }
+            /* Someone else changed the key: decide again on the new state. */
         }
-        if (!go) {
-            u->version = c.version;
-            rc = SG_NO;
-            break;
-        }
-        sg_store_relaxed(&nb->word, c.version + 1);
-        uint64_t r = c.ref;
-        /* SYNC POINT: value-publish (release): the new block's meta, version
-         * and payload are visible to every reader that acquires ref. Acquire
-         * on success orders our free of the old block after the CAS. */
-        if (sg_cas_acq_rel(&s->ref, &r, SG_TAGGED((SG_TAGGED_TAG(c.ref) + 1) & SG_TAG_MASK, nb_off))) {
-            if (c.ref)
-                sg__free(m->g, SG_TAGGED_OFF(c.ref));
-            sg__count(m, c.present, kind == SG_BLK_VALUE);
-            u->version = c.version + 1;
-            return SG_OK;
-        }
-        /* Someone else changed the key: decide again on the new state. */
     }
 out:
+    sg__exit(m);
     sg__free(m->g, nb_off); /* never published */
     return rc;
 }
@@ -421,17 +950,16 @@ int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t ca
     int rc = sg__check_key(m, klen);
     if (rc)
         return rc;
-    sg_slot *s;
-    rc = sg__find(m, key, klen, sg_hash64(key, klen), 0, &s);
-    if (rc == SG_NO) {
-        if (version)
-            *version = 0;
-        return SG_ENOKEY; /* never stored */
-    }
+    uint64_t hash = sg_hash64(key, klen);
+    rc = sg__enter(m);
     if (rc)
         return rc;
+    sg__tab t;
     sg__cur c;
-    rc = sg__read(m, s, &c, out, cap, NULL, 0);
+    rc = sg__head(m, &t);
+    if (!rc)
+        rc = sg__lookup(m, t, key, klen, hash, out, cap, &c);
+    sg__exit(m);
     if (rc)
         return rc;
     if (version)
@@ -447,57 +975,147 @@ int64_t sg_map_len(sg_map *m)
     return n < 0 ? 0 : n;
 }
 
-int sg_map_next(sg_map *m, uint64_t *cursor, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap,
-                size_t *vlen, uint64_t *version)
+int sg_map_compact(sg_map *m)
 {
-    int rc = sg__table(m);
+    int rc = sg__finish(m);
     if (rc)
         return rc;
-    for (uint64_t i = *cursor; i <= m->mask; i++) {
-        sg_slot *s = &m->slots[i];
+    rc = sg__enter(m);
+    if (rc)
+        return rc;
+    sg__tab t;
+    rc = sg__head(m, &t);
+    if (!rc)
+        rc = sg__start_migration(m, &t);
+    sg__exit(m);
+    if (!rc)
+        rc = sg__finish(m);
+    if (!rc)
+        sg__reclaim(m);
+    return rc;
+}
+
+/* ---- iteration ---------------------------------------------------------- */
+
+struct sg_iter {
+    sg_map *m;
+    uint64_t table; /* the head table when the walk began, with no migration under way */
+    uint64_t next;  /* next slot to visit */
+    int pinned;     /* inside sg__enter: the walked table cannot be freed */
+};
+
+int sg_iter_open(sg_map *m, sg_iter **out)
+{
+    if (!m || !m->g || !m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    sg_iter *it = calloc(1, sizeof *it);
+    if (!it)
+        return sg__fail(SG_ENOMEM, "out of process memory");
+    /* Walk a table with no migration under way, so every key present now is
+     * bound in it; stay entered so it outlives any migration during the walk. */
+    for (int tries = 0;; tries++) {
+        int rc = sg__finish(m);
+        if (!rc)
+            rc = sg__enter(m);
+        if (rc) {
+            free(it);
+            return rc;
+        }
+        sg__tab t, n;
+        rc = sg__head(m, &t);
+        if (!rc && (sg__next(m, &t, &n) == SG_NO || tries >= 8)) {
+            it->m = m;
+            it->table = t.off;
+            it->pinned = 1;
+            *out = it;
+            return SG_OK;
+        }
+        sg__exit(m);
+        if (rc) {
+            free(it);
+            return rc;
+        }
+    }
+}
+
+int sg_iter_next(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen,
+                 uint64_t *version)
+{
+    sg_map *m = it->m;
+    if (!it->pinned)
+        return SG_NO;
+    if (!m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    sg__tab t;
+    int rc = sg__tab_at(m, it->table, &t);
+    if (rc)
+        return rc;
+    for (uint64_t i = it->next; i <= t.mask; i++) {
+        sg_slot *s = &t.slots[i];
         /* SYNC POINT: key-publish (acquire) */
         uint64_t h = sg_load_acquire(&s->head);
-        if (h == 0)
-            continue;
-        sg__cur c;
-        rc = sg__read(m, s, &c, vout, vcap, NULL, 0);
-        if (rc)
-            return rc;
-        if (!c.present)
+        if (h == 0 || h == SG_HEAD_MOVED)
             continue;
         sg_block *kb = sg__block(m->g, SG_HEAD_OFF(h));
         if (!kb || SG_META_KIND(kb->meta) != SG_BLK_KEY || SG_META_LEN(kb->meta) > kcap ||
             !sg__fits(kb->meta, SG_META_LEN(kb->meta)))
             return sg__fail(SG_ECORRUPT, "map slot %llu names a bad key block", (unsigned long long)i);
+        sg__cur c;
+        rc = sg__read(m, s, &c, vout, vcap, NULL, 0);
+        if (!rc && (c.ref & SG_REF_DONE)) {
+            /* copied by a migration since the walk began: read it where it is now */
+            sg__tab n;
+            rc = sg__next(m, &t, &n);
+            if (!rc)
+                rc = sg__lookup(m, n, (const char *)kb->payload, SG_META_LEN(kb->meta), kb->word, vout, vcap, &c);
+        }
+        if (rc)
+            return rc;
+        if (!c.present)
+            continue;
         *klen = SG_META_LEN(kb->meta);
         memcpy(kout, kb->payload, *klen);
         if (vlen)
             *vlen = c.len;
         if (version)
             *version = c.version;
-        *cursor = i + 1;
+        it->next = i + 1;
         return SG_OK;
     }
-    *cursor = m->mask + 1;
+    it->next = t.mask + 1;
     return SG_NO;
+}
+
+void sg_iter_free(sg_iter *it)
+{
+    if (!it)
+        return;
+    if (it->pinned && it->m->g->base)
+        sg__exit(it->m);
+    free(it);
 }
 
 /* ---- open / create ------------------------------------------------------ */
 
+static uint64_t sg__slots_for(uint64_t capacity)
+{
+    uint64_t n = 8;
+    while (sg__slot_limit(n) < capacity)
+        n <<= 1;
+    return n;
+}
+
 static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, void *ctx)
 {
     (void)ctx;
-    uint64_t capacity = param[0];
-    uint64_t nslots = 8;
-    while (nslots < capacity + capacity / 3 + 1)
-        nslots <<= 1;
-
+    uint64_t nslots = sg__slots_for(param[0]);
+    uint64_t bytes = sg__table_bytes(nslots);
     uint64_t hoff, toff;
     int hfresh, tfresh;
     int rc = sg__alloc(g, sizeof(sg_map_hdr), &hoff, &hfresh);
     if (rc)
         return rc;
-    rc = sg__alloc(g, sizeof(sg_table_hdr) + nslots * sizeof(sg_slot), &toff, &tfresh);
+    rc = sg__alloc(g, bytes, &toff, &tfresh);
     if (rc) {
         sg__free(g, hoff);
         return rc;
@@ -511,14 +1129,16 @@ static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, vo
     sg_table_hdr *th = (sg_table_hdr *)tb->payload;
     memset(mh, 0, sizeof *mh);
     if (!tfresh) /* carved memory is zero; recycled memory is not */
-        memset(th, 0, sizeof *th + nslots * sizeof(sg_slot));
+        memset(th, 0, bytes);
     th->nslots = nslots;
     th->generation = 1;
-    tb->meta = SG_META(SG_META_CLASS(tb->meta), SG_BLK_TABLE, sizeof *th + nslots * sizeof(sg_slot));
-    mh->capacity = capacity;
+    th->slot_limit = sg__slot_limit(nslots);
+    tb->meta = SG_META(SG_META_CLASS(tb->meta), SG_BLK_TABLE, bytes);
+    mh->capacity = param[0];
     mh->max_key = (uint32_t)param[1];
     mh->max_value = (uint32_t)param[2];
-    mh->slot_limit = nslots - nslots / 4;
+    mh->min_slots = nslots;
+    mh->max_slots = param[3] ? sg__slots_for(param[3]) : 0;
     mh->table = toff;
     hb->meta = SG_META(SG_META_CLASS(hb->meta), SG_BLK_OBJECT, sizeof *mh);
     /* published by the dirent-ready release in sg__dir_open */
@@ -527,29 +1147,32 @@ static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, vo
 }
 
 int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_key, uint32_t max_value,
-                sg_map **out)
+                uint64_t max_capacity, sg_map **out)
 {
     if (!g || !g->base)
         return sg__fail(SG_ECLOSED, "grid is closed");
-    if (capacity > (1ull << 32))
-        return sg__fail(SG_EINVAL, "capacity %llu is over the limit of %llu keys", (unsigned long long)capacity,
-                        1ull << 32);
+    if (capacity > (1ull << 36) || max_capacity > (1ull << 36))
+        return sg__fail(SG_EINVAL, "capacity and max_capacity are limited to %llu keys", 1ull << 36);
     if (max_key > SG_MAX_KEY_LIMIT)
         return sg__fail(SG_EINVAL, "max_key %u is over the limit of %u bytes", max_key, SG_MAX_KEY_LIMIT);
     if (max_value > SG_MAX_VALUE_LIMIT)
         return sg__fail(SG_EINVAL, "max_value %u is over the limit of %u bytes", max_value, SG_MAX_VALUE_LIMIT);
+    uint64_t cap = capacity ? capacity : SG_DEFAULT_CAPACITY;
+    if (max_capacity && max_capacity < cap)
+        return sg__fail(SG_EINVAL, "max_capacity %llu is below capacity %llu", (unsigned long long)max_capacity,
+                        (unsigned long long)cap);
 
-    uint64_t param[4] = {capacity ? capacity : SG_DEFAULT_CAPACITY, max_key ? max_key : SG_DEFAULT_MAX_KEY,
-                         max_value ? max_value : SG_DEFAULT_MAX_VALUE, 0};
+    uint64_t param[4] = {cap, max_key ? max_key : SG_DEFAULT_MAX_KEY, max_value ? max_value : SG_DEFAULT_MAX_VALUE,
+                         max_capacity};
     sg_dirent *e;
     int rc = sg__dir_open(g, name, SG_OBJ_MAP, param, sg__map_create, NULL, &e);
     if (rc)
         return rc;
 
     /* An existing map: parameters given must match (0 = take what it has). */
-    const char *field[3] = {"capacity", "max_key", "max_value"};
-    uint64_t asked[3] = {capacity, max_key, max_value};
-    for (int i = 0; i < 3; i++)
+    const char *field[4] = {"capacity", "max_key", "max_value", "max_capacity"};
+    uint64_t asked[4] = {capacity, max_key, max_value, max_capacity};
+    for (int i = 0; i < 4; i++)
         if (asked[i] && asked[i] != e->param[i])
             return sg__fail(SG_EMISMATCH, "map '%s' exists with %s=%llu; it was asked for with %s=%llu", name,
                             field[i], (unsigned long long)e->param[i], field[i], (unsigned long long)asked[i]);
@@ -560,7 +1183,8 @@ int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_ke
         return sg__fail(SG_ECORRUPT, "map '%s': directory entry names a bad object block", name);
     sg_map_hdr *mh = (sg_map_hdr *)hb->payload;
     if (mh->max_key != e->param[1] || mh->max_value != e->param[2] || mh->max_key > SG_MAX_KEY_LIMIT ||
-        mh->max_value > SG_MAX_VALUE_LIMIT)
+        mh->max_value > SG_MAX_VALUE_LIMIT || mh->min_slots < 8 || mh->min_slots > (1ull << 40) ||
+        (mh->max_slots && mh->max_slots < mh->min_slots))
         return sg__fail(SG_ECORRUPT, "map '%s': header disagrees with its directory entry", name);
 
     sg_map *m = calloc(1, sizeof *m);
@@ -570,7 +1194,8 @@ int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_ke
     m->hdr = mh;
     m->max_key = mh->max_key;
     m->max_value = mh->max_value;
-    rc = sg__table(m);
+    sg__tab t;
+    rc = sg__tab_at(m, sg_load_acquire(&mh->table), &t);
     if (rc) {
         free(m);
         return rc;
@@ -590,98 +1215,134 @@ void sg_map_free(sg_map *m)
         free(g);
 }
 
-int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value)
+int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value, uint64_t *max_capacity)
 {
     if (!m || !m->g || !m->g->base)
         return sg__fail(SG_ECLOSED, "map used after its grid was closed");
     *capacity = m->hdr->capacity;
     *max_key = m->max_key;
     *max_value = m->max_value;
+    *max_capacity = m->hdr->max_slots ? sg__slot_limit(m->hdr->max_slots) : 0;
     return SG_OK;
 }
 
 /* ---- validate ----------------------------------------------------------- */
 
-int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
+static int sg__validate_table(sg_map *m, const sg__tab *t, sg_map_report *out)
 {
-    memset(out, 0, sizeof *out);
-    int rc = sg__table(m);
-    if (rc)
-        return out->error = rc;
     sg_grid *g = m->g;
-    sg_block *tb = sg__block(g, m->table_off);
-    sg_table_hdr *th = (sg_table_hdr *)tb->payload;
-    out->capacity = m->hdr->capacity;
-    out->nslots = m->mask + 1;
-    out->slot_limit = m->hdr->slot_limit;
-    out->used = sg_load_relaxed(&m->hdr->used);
-    out->live_counter = (int64_t)sg_load_relaxed(&m->hdr->live);
-    out->table_bytes = sg__class_size(SG_META_CLASS(tb->meta));
-    /* the object header block sits right before its payload, the sg_map_hdr */
-    sg_block *hb = (sg_block *)((uint8_t *)m->hdr - SG_BLOCK_HDR);
-    out->block_bytes = sg__class_size(SG_META_CLASS(hb->meta));
-    out->generation = th->generation;
-    out->max_key = m->max_key;
-    out->max_value = m->max_value;
-
-    for (uint64_t i = 0; i <= m->mask; i++) {
-        sg_slot *s = &m->slots[i];
+    for (uint64_t i = 0; i <= t->mask; i++) {
+        sg_slot *s = &t->slots[i];
         uint64_t h = sg_load_acquire(&s->head);
-        if (h == 0) {
+        if (h == 0 || h == SG_HEAD_MOVED) {
             if (sg_load_relaxed(&s->ref) != 0)
-                return out->error = sg__fail(SG_ECORRUPT, "slot %llu has a value but no key", (unsigned long long)i);
+                return sg__fail(SG_ECORRUPT, "slot %llu has a value but no key", (unsigned long long)i);
             continue;
         }
         out->bound++;
         sg_block *kb = sg__block(g, SG_HEAD_OFF(h));
         if (!kb || SG_META_KIND(kb->meta) != SG_BLK_KEY)
-            return out->error = sg__fail(SG_ECORRUPT, "slot %llu: head does not name a key block", (unsigned long long)i);
+            return sg__fail(SG_ECORRUPT, "slot %llu: head does not name a key block", (unsigned long long)i);
         uint32_t klen = SG_META_LEN(kb->meta);
         const char *key = (const char *)kb->payload;
         if (klen > m->max_key || !sg__fits(kb->meta, klen))
-            return out->error = sg__fail(SG_ECORRUPT, "slot %llu: key length %u", (unsigned long long)i, klen);
+            return sg__fail(SG_ECORRUPT, "slot %llu: key length %u", (unsigned long long)i, klen);
         uint64_t hash = sg_hash64(key, klen);
         if (kb->word != hash || SG_HEAD_TAG(h) != hash >> 48)
-            return out->error = sg__fail(SG_ECORRUPT, "slot %llu: key hash does not match its bytes", (unsigned long long)i);
+            return sg__fail(SG_ECORRUPT, "slot %llu: key hash does not match its bytes", (unsigned long long)i);
         /* The key must be reachable from its home slot through bound slots
          * only, and must be the first slot on that path holding it. */
-        for (uint64_t j = hash & m->mask; j != i; j = (j + 1) & m->mask) {
-            uint64_t hj = sg_load_acquire(&m->slots[j].head);
+        for (uint64_t j = hash & t->mask; j != i; j = (j + 1) & t->mask) {
+            uint64_t hj = sg_load_acquire(&t->slots[j].head);
             int corrupt = 0;
-            if (hj == 0)
-                return out->error = sg__fail(SG_ECORRUPT, "slot %llu: an empty slot cuts it off from its home %llu",
-                                             (unsigned long long)i, (unsigned long long)(hash & m->mask));
+            if (hj == 0 || hj == SG_HEAD_MOVED)
+                return sg__fail(SG_ECORRUPT, "slot %llu: an empty slot cuts it off from its home %llu",
+                                (unsigned long long)i, (unsigned long long)(hash & t->mask));
             if (sg__key_is(m, hj, key, klen, hash, &corrupt))
-                return out->error = sg__fail(SG_ECORRUPT, "slots %llu and %llu hold the same key",
-                                             (unsigned long long)j, (unsigned long long)i);
+                return sg__fail(SG_ECORRUPT, "slots %llu and %llu hold the same key", (unsigned long long)j,
+                                (unsigned long long)i);
         }
         out->block_bytes += sg__class_size(SG_META_CLASS(kb->meta));
         sg__cur c;
-        rc = sg__read(m, s, &c, NULL, 0, NULL, 0);
+        int rc = sg__read(m, s, &c, NULL, 0, NULL, 0);
         if (rc)
-            return out->error = rc;
+            return rc;
+        if (c.ref & (SG_REF_FROZEN | SG_REF_DONE))
+            return sg__fail(SG_ECORRUPT, "slot %llu is frozen, yet its table has no migration",
+                            (unsigned long long)i);
         if (c.ref) {
-            sg_block *vb = sg__block(g, SG_TAGGED_OFF(c.ref));
-            out->block_bytes += sg__class_size(SG_META_CLASS(vb->meta));
+            out->block_bytes += sg__class_size(SG_META_CLASS(sg__block(g, SG_REF_OFF(c.ref))->meta));
             if (c.version == 0)
-                return out->error = sg__fail(SG_ECORRUPT, "slot %llu: a written value with version 0", (unsigned long long)i);
+                return sg__fail(SG_ECORRUPT, "slot %llu: a written value with version 0", (unsigned long long)i);
         }
         if (c.present)
             out->live++;
         else if (c.ref)
             out->tombstones++;
     }
-    if (out->used < out->bound)
-        return out->error = sg__fail(SG_ECORRUPT, "%llu slots are bound but only %llu were reserved",
-                                     (unsigned long long)out->bound, (unsigned long long)out->used);
-    if (repair) {
+    return SG_OK;
+}
+
+int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
+{
+    memset(out, 0, sizeof *out);
+    /* Validate a table with no migration under way: finish any first. */
+    int rc = sg__finish(m);
+    if (!rc)
+        rc = sg__enter(m);
+    if (rc)
+        return out->error = rc;
+    sg__tab t, n;
+    rc = sg__head(m, &t);
+    if (!rc && sg__next(m, &t, &n) == SG_OK)
+        rc = sg__fail(SG_EBUSY, "validate: the map is migrating again (other processes are writing)");
+    if (!rc) {
+        sg_block *tb = sg__block(m->g, t.off);
+        sg_block *hb = (sg_block *)((uint8_t *)m->hdr - SG_BLOCK_HDR);
+        out->capacity = m->hdr->capacity;
+        out->nslots = t.mask + 1;
+        out->slot_limit = t.h->slot_limit;
+        out->live_counter = (int64_t)sg_load_relaxed(&m->hdr->live);
+        out->table_bytes = sg__class_size(SG_META_CLASS(tb->meta));
+        out->block_bytes = sg__class_size(SG_META_CLASS(hb->meta));
+        out->generation = t.h->generation;
+        out->version_floor = sg_load_relaxed(&m->hdr->version_floor);
+        out->max_key = m->max_key;
+        out->max_value = m->max_value;
+        rc = sg__validate_table(m, &t, out);
+        out->used = sg_load_relaxed(&t.h->used); /* after the walk: bound can only have grown since */
+    }
+    if (!rc && out->used < out->bound)
+        rc = sg__fail(SG_ECORRUPT, "%llu slots are bound but only %llu were reserved",
+                      (unsigned long long)out->bound, (unsigned long long)out->used);
+    if (!rc) {
+        /* tables waiting for readers to move on */
+        uint64_t r = sg_load_acquire(&m->hdr->retired);
+        for (uint64_t k = 0; r && k < 1024; k++) {
+            sg__tab rt;
+            if ((rc = sg__tab_at(m, r, &rt)))
+                break;
+            out->retired_tables++;
+            out->retired_bytes += sg__class_size(SG_META_CLASS(sg__block(m->g, r)->meta));
+            for (uint64_t i = 0; i <= rt.mask; i++) {
+                uint64_t h = sg_load_relaxed(&rt.slots[i].head), ref = sg_load_relaxed(&rt.slots[i].ref);
+                sg_block *kb;
+                if (h != 0 && h != SG_HEAD_MOVED && (ref & SG_REF_DONE) && !SG_REF_OFF(ref) &&
+                    (kb = sg__block(m->g, SG_HEAD_OFF(h))))
+                    out->retired_bytes += sg__class_size(SG_META_CLASS(kb->meta));
+            }
+            r = sg_load_relaxed(&rt.h->retired_next);
+        }
+    }
+    if (!rc && repair) {
         /* Only meaningful while no other process writes this map. */
         sg_store_relaxed(&m->hdr->live, out->live);
-        sg_store_relaxed(&m->hdr->used, out->bound);
+        sg_store_relaxed(&t.h->used, out->bound);
         out->live_counter = (int64_t)out->live;
         out->used = out->bound;
     }
-    return SG_OK;
+    sg__exit(m);
+    return out->error = rc;
 }
 
 /* ---- per-thread call contexts ------------------------------------------- */

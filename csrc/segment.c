@@ -106,7 +106,8 @@ uint32_t sg_layout_signature(void)
         sizeof(sg_dirent), offsetof(sg_dirent, name), offsetof(sg_dirent, obj), offsetof(sg_dirent, param),
         sizeof(sg_proc), offsetof(sg_proc, epoch),
         sizeof(sg_block), sizeof(sg_map_hdr), offsetof(sg_map_hdr, table), offsetof(sg_map_hdr, live),
-        offsetof(sg_map_hdr, used), sizeof(sg_table_hdr), sizeof(sg_slot),
+        offsetof(sg_map_hdr, version_floor), sizeof(sg_table_hdr), sizeof(sg_slot), offsetof(sg_header, epoch),
+        offsetof(sg_table_hdr, used), SG_COPY_CHUNK,
         _Alignof(sg_header), _Alignof(sg_dirent), _Alignof(sg_proc), _Alignof(sg_map_hdr), _Alignof(sg_slot),
         SG_PW_PID_BITS,
     };
@@ -149,6 +150,23 @@ static int sg__proc_stat(uint32_t pid, uint64_t *start, char *state)
     return 0;
 }
 
+/* Threads of a process, from /proc/<pid>/status (0 if unknown). */
+static int sg__threads(uint32_t pid)
+{
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%u/status", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strstr(buf, "\nThreads:");
+    return p ? atoi(p + 9) : 0;
+}
+
 static uint64_t sg__word(uint32_t pid, uint64_t start)
 {
     return ((start & SG_PW_START_MASK) << SG_PW_PID_BITS) | (pid & SG_PW_PID_MASK);
@@ -172,11 +190,14 @@ int sg_pid_alive(uint32_t pid, uint64_t start_ticks)
         return 0;
     switch (sg__proc_stat(pid, &start, &state)) {
     case 0:
+        if ((start & SG_PW_START_MASK) != (start_ticks & SG_PW_START_MASK))
+            return 0; /* the pid was reused */
         if (state == 'Z' || state == 'X')
-            return 0; /* exited, not yet reaped: it holds nothing any more */
-        return (start & SG_PW_START_MASK) == (start_ticks & SG_PW_START_MASK);
+            return sg__threads(pid) > 1; /* Z with threads left: only its main thread exited */
+        return 1;
     case -1:
-        return 0;
+        /* no /proc entry: gone, unless /proc hides other users' processes */
+        return kill((pid_t)pid, 0) == 0 || errno == EPERM;
     default:
         return kill((pid_t)pid, 0) == 0 || errno == EPERM;
     }
@@ -246,12 +267,16 @@ static int sg__claim_slot(sg_grid *g)
             if (pass == 0 ? cur != 0 : (cur == 0 || sg__word_alive(cur)))
                 continue;
             if (sg_cas_acq_rel(&procs[i].owner, &cur, g->self)) {
+                /* A dead owner may have died inside a map operation: its
+                 * announcement must not pin the epoch for us. */
+                sg_store_release(&procs[i].epoch, 0);
                 sg_store_relaxed(&procs[i].attached_ns, sg__now_ns());
                 g->slot = i;
                 return SG_OK;
             }
         }
     }
+    g->slot = SG_PROC_SLOTS; /* none: map operations refuse to run without one */
     return sg__fail(SG_EPROCFULL, "process table of grid '%s' is full: %u live processes attached", g->name,
                     SG_PROC_SLOTS);
 }
@@ -294,7 +319,11 @@ int sg_grid_create(const char *name, uint64_t size, uint32_t mode, sg_grid **out
         return rc;
     }
     /* shm_open applied the umask; the contract is the mode asked for */
-    if (fchmod(fd, (mode_t)mode) != 0 || ftruncate(fd, (off_t)size) != 0) {
+    if (fchmod(fd, (mode_t)mode) != 0) {
+        rc = sg__fail_errno(errno, "fchmod", name);
+        goto fail_unlink;
+    }
+    if (ftruncate(fd, (off_t)size) != 0) {
         rc = sg__fail_errno(errno, "ftruncate", name);
         goto fail_unlink;
     }
@@ -401,11 +430,19 @@ int sg_grid_attach(const char *name, sg_grid **out)
         free(g);
         return rc;
     }
-    if (fstat(fd, &st) != 0) {
-        rc = sg__fail_errno(errno, "fstat", name);
-        close(fd);
-        free(g);
-        return rc;
+    /* A creator sizes the object right after creating it: an empty object
+     * is one at work (or dead before ftruncate); give it the 2 s that a
+     * creator gets to mark the header ready. */
+    for (int waited_ms = 0;; waited_ms++) {
+        if (fstat(fd, &st) != 0) {
+            rc = sg__fail_errno(errno, "fstat", name);
+            close(fd);
+            free(g);
+            return rc;
+        }
+        if (st.st_size != 0 || waited_ms >= 2000)
+            break;
+        sg__sleep_us(1000);
     }
     if ((uint64_t)st.st_size < SG_HEAP_OFF + SG_MIN_BLOCK || (uint64_t)st.st_size > SG_MAX_SEGMENT) {
         close(fd);
@@ -454,7 +491,8 @@ void sg_grid_close(sg_grid *g)
     if (!g || !g->base)
         return;
     uint64_t mine = g->self;
-    sg_cas_acq_rel(&sg__procs(g)[g->slot].owner, &mine, 0);
+    if (g->slot < SG_PROC_SLOTS)
+        sg_cas_acq_rel(&sg__procs(g)[g->slot].owner, &mine, 0);
     munmap(g->base, g->size);
     g->base = NULL;
 }
@@ -627,8 +665,12 @@ restart:
         e->obj = obj;
         memcpy(e->param, param, sizeof e->param);
         /* SYNC POINT: dirent-ready (release): publishes the fields above and
-         * the object the create callback initialized. */
-        sg_store_release(&e->state, SG_DIRENT_READY);
+         * the object the create callback initialized. A CAS from our own
+         * CREATING: if we were taken for dead and the entry was reset, it
+         * is someone else's now and our object leaks. */
+        uint64_t mine = SG_DIRENT_CREATING(g->self);
+        if (!sg_cas_release(&e->state, &mine, SG_DIRENT_READY))
+            goto restart;
         *out = e;
         return SG_OK;
     }

@@ -57,6 +57,20 @@ static inline bool sg_cas_relaxed(uint64_t *p, uint64_t *expected, uint64_t desi
 static inline uint64_t sg_fetch_add_relaxed(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t sg_fetch_sub_relaxed(uint64_t *p, uint64_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }
 
+/* Sequentially consistent operations: only for the reclamation epochs
+ * (SYNC POINT: epoch), whose correctness argument needs one total order of
+ * "announce epoch, then load table" against "swap table, then bump epoch,
+ * then scan announcements". */
+static inline uint64_t sg_load_seq_cst(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline bool sg_cas_seq_cst(uint64_t *p, uint64_t *expected, uint64_t desired)
+{
+    return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline uint64_t sg_fetch_add_seq_cst(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t sg_fetch_sub_release(uint64_t *p, uint64_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t sg_fetch_or_acq_rel(uint64_t *p, uint64_t v) { return __atomic_fetch_or(p, v, __ATOMIC_ACQ_REL); }
+static inline uint64_t sg_exchange_acq_rel(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+
 /* ---- 32-bit words ------------------------------------------------------ */
 
 static inline uint32_t sg_load32_acquire(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -70,6 +84,11 @@ static inline int sg_ref_inc(int *p) { return __atomic_add_fetch(p, 1, __ATOMIC_
 /* acq_rel: the thread that drops the last reference sees every write made
  * through the other references before it frees the object. */
 static inline int sg_ref_dec(int *p) { return __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL); }
+
+/* A process-local countdown shared by threads: approximate is fine, a
+ * data race is not. */
+static inline int sg_countdown(int *p) { return __atomic_sub_fetch(p, 1, __ATOMIC_RELAXED); }
+static inline void sg_countdown_set(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 /* ---- fences -------------------------------------------------------------- */
 

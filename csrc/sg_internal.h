@@ -25,10 +25,7 @@ struct sg_map {
     sg_map_hdr *hdr;
     uint32_t max_key;
     uint32_t max_value;
-    /* the table last seen through hdr->table, validated once */
-    uint64_t table_off;
-    sg_slot *slots;
-    uint64_t mask;
+    int reclaim_countdown; /* operations until this handle next tries to free retired tables */
 };
 
 /* ---- errors: a per-thread message naming the cause ---- */

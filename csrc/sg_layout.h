@@ -30,7 +30,7 @@
 #define SG_CACHE_LINE 64u
 
 #define SG_MAGIC ((uint64_t)SG_SEGMENT_MAGIC) /* the bytes "SHMGRID\0" read as a little-endian u64 */
-#define SG_FORMAT_VERSION 1u
+#define SG_FORMAT_VERSION 2u
 
 #define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
 #define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
@@ -96,10 +96,16 @@ typedef struct sg_header {
     uint64_t gap_bytes;   /* bytes skipped to align carved blocks; carvers add, stat reads */
     uint8_t _pad2[SG_CACHE_LINE - 24];
 
-    /* lines 2..121: one free list per size class, each on its own line */
+    /* line 2: reclamation epoch. Bumped (seq_cst) by whoever retires a
+     * table; loaded by every process entering a map operation, which
+     * announces it in its sg_proc.epoch (SYNC POINT: epoch). */
+    uint64_t epoch;
+    uint8_t _pad4[SG_CACHE_LINE - 8];
+
+    /* lines 3..122: one free list per size class, each on its own line */
     sg_free_list free[SG_NCLASSES];
 
-    uint8_t _pad3[SG_DIR_OFF - (2 + SG_NCLASSES) * SG_CACHE_LINE];
+    uint8_t _pad3[SG_DIR_OFF - (3 + SG_NCLASSES) * SG_CACHE_LINE];
 } sg_header;
 
 _Static_assert(offsetof(sg_header, magic) == 0, "magic first");
@@ -110,7 +116,8 @@ _Static_assert(offsetof(sg_header, creator) == 24, "layout");
 _Static_assert(offsetof(sg_header, ready) == 32, "layout");
 _Static_assert(offsetof(sg_header, created_ns) == 40, "layout");
 _Static_assert(offsetof(sg_header, brk) == SG_CACHE_LINE, "heap break on its own line");
-_Static_assert(offsetof(sg_header, free) == 2 * SG_CACHE_LINE, "free lists start on line 2");
+_Static_assert(offsetof(sg_header, epoch) == 2 * SG_CACHE_LINE, "epoch on its own line");
+_Static_assert(offsetof(sg_header, free) == 3 * SG_CACHE_LINE, "free lists start on line 3");
 _Static_assert(sizeof(sg_free_list) == SG_CACHE_LINE, "one free list per line");
 _Static_assert(sizeof(sg_header) == SG_DIR_OFF, "header fills 0x0000..0x2000");
 
@@ -166,7 +173,10 @@ typedef struct sg_proc {
     uint64_t owner;        /* process word of the attached process; 0 = free.
                               Attacher CASes it, everyone reads. */
     uint64_t attached_ns;  /* CLOCK_REALTIME of attach; owner writes, stat reads */
-    uint64_t epoch;        /* reserved: reclamation epoch (map migration) */
+    uint64_t epoch;        /* reclamation announcement: bits 16-63 the global epoch this
+                              process saw when it entered, bits 0-15 how many of its
+                              threads are inside a map operation (0 = none, epoch stale).
+                              The owner CASes it; reclaimers read it. Reset on claim. */
     uint64_t _reserved[5]; /* reserved: ring claims and waits */
 } sg_proc;
 
@@ -225,7 +235,7 @@ _Static_assert(sizeof(sg_block) == 16, "block header is two words");
 #define SG_META_KIND(m) ((unsigned)(((m) >> 8) & 0xffu))
 #define SG_META_LEN(m) ((uint32_t)((m) >> 32))
 
-/* A tagged offset, used by free-list heads and map value references:
+/* A tagged offset, used by free-list heads:
  * bits 0-39 offset / 16 (segments up to 16 TiB), bits 40-63 a tag that grows
  * on every successful CAS so a recycled offset never compares equal. */
 #define SG_TAGGED_OFF(t) (((t) & ((1ull << 40) - 1)) << 4)
@@ -238,60 +248,94 @@ _Static_assert(sizeof(sg_block) == 16, "block header is two words");
  *
  * The map object header is a heap block (kind OBJECT) whose payload is
  * sg_map_hdr. It reaches its slot table through `table` (never a fixed
- * offset), so the table can later be migrated online.
+ * offset): the table is migrated online to a larger or cleaner one.
  * ------------------------------------------------------------------------ */
 typedef struct sg_map_hdr {
     /* line 0: parameters, written by the creator before the dirent is READY */
-    uint64_t capacity;   /* keys the map promises to hold */
+    uint64_t capacity;   /* keys the first table was sized for */
     uint32_t max_key;    /* bytes */
     uint32_t max_value;  /* bytes */
-    uint64_t slot_limit; /* slots that may ever be bound: 3/4 of nslots, >= capacity */
-    uint8_t _pad0[SG_CACHE_LINE - 24];
-    /* line 1: table. Creator writes before READY; read by every operation. */
-    uint64_t table;      /* offset of the current sg_table block */
-    uint8_t _pad1[SG_CACHE_LINE - 8];
+    uint64_t min_slots;  /* slots of the first table; migrations never go below */
+    uint64_t max_slots;  /* 0, or the most slots growth may reach (max_capacity) */
+    uint8_t _pad0[SG_CACHE_LINE - 32];
+    /* line 1: tables. `table` is the oldest table still in use: the current
+     * one, or the one being migrated from (its `next` is then set). Written
+     * by the creator, then by the process that completes a migration (CAS,
+     * SYNC POINT: epoch); read by every operation. `retired` heads a stack
+     * of tables left behind by migrations, freed once no process can still
+     * read them (linked through sg_table_hdr.retired_next). */
+    uint64_t table;
+    uint64_t retired;
+    uint64_t reclaimer;  /* 0, or the process word of the one process freeing retired tables */
+    uint8_t _pad1[SG_CACHE_LINE - 24];
     /* line 2: live keys. Writers add after a successful CAS that makes a key
      * present (+1) or absent (-1); len() reads it. A writer killed between
      * its CAS and this add leaves it off by one until validate(repair). */
     uint64_t live;
     uint8_t _pad2[SG_CACHE_LINE - 8];
-    /* line 3: bound slots. An inserter reserves (+1) before binding a new key
-     * and gives the reservation back if it loses the race to a twin. */
-    uint64_t used;
+    /* line 3: version floor: the highest version of any tombstone a
+     * migration dropped. A key stored in a slot that never held it starts
+     * above it, so a key's versions grow even across its deletion being
+     * forgotten. Raised (CAS max) by copiers before they mark a slot DONE. */
+    uint64_t version_floor;
     uint8_t _pad3[SG_CACHE_LINE - 8];
 } sg_map_hdr;
 
 _Static_assert(offsetof(sg_map_hdr, capacity) == 0, "layout");
 _Static_assert(offsetof(sg_map_hdr, max_key) == 8, "layout");
 _Static_assert(offsetof(sg_map_hdr, max_value) == 12, "layout");
-_Static_assert(offsetof(sg_map_hdr, slot_limit) == 16, "layout");
-_Static_assert(offsetof(sg_map_hdr, table) == SG_CACHE_LINE, "table on its own line");
+_Static_assert(offsetof(sg_map_hdr, min_slots) == 16, "layout");
+_Static_assert(offsetof(sg_map_hdr, max_slots) == 24, "layout");
+_Static_assert(offsetof(sg_map_hdr, table) == SG_CACHE_LINE, "tables on their own line");
 _Static_assert(offsetof(sg_map_hdr, live) == 2 * SG_CACHE_LINE, "live count on its own line");
-_Static_assert(offsetof(sg_map_hdr, used) == 3 * SG_CACHE_LINE, "used count on its own line");
+_Static_assert(offsetof(sg_map_hdr, version_floor) == 3 * SG_CACHE_LINE, "version floor on its own line");
 _Static_assert(sizeof(sg_map_hdr) == 4 * SG_CACHE_LINE, "layout");
 
 /*
- * Slot table: a block (kind TABLE) whose payload starts with sg_table_hdr
- * and continues with nslots 16-byte slots, so the slots start 64 bytes into
- * the block (the block is 64-byte aligned, so four slots share a line).
+ * Slot table: a block (kind TABLE) whose payload is sg_table_hdr (176
+ * bytes, so with the block header the slots start 192 bytes, three lines,
+ * into the 64-byte aligned block), then nslots 16-byte slots, then a bitmap
+ * of copied chunks (one bit per SG_COPY_CHUNK slots, whole words).
  *
  *   slot:  0              8             16
  *          +--------------+--------------+
  *          | head         | ref          |
  *          +--------------+--------------+
  *
- *   head  0 = EMPTY. Otherwise bits 48-63 the top 16 bits of the key's hash,
- *         bits 0-47 the key block's offset / 16. Bound once by CAS from 0
- *         (SYNC POINT: key-publish) and never changed again: two inserters
- *         of one key always meet on the same slot.
- *   ref   0 = never written (absent, version 0). Otherwise a tagged offset
- *         (SG_TAGGED) of the current VALUE or TOMB block; every change is a
- *         CAS that bumps the tag (SYNC POINT: value-publish).
+ *   head  0 = EMPTY. SG_HEAD_MOVED = sealed empty: a migration is under way
+ *         and no key will bind here; look in the next table. Otherwise bits
+ *         48-63 the top 16 bits of the key's hash, bits 0-47 the key block's
+ *         offset / 16. Bound once by CAS from 0 (SYNC POINT: key-publish) and
+ *         never changed again.
+ *
+ *   ref   63      62     61 ........ 40   39 ................... 0
+ *         +-------+------+--------------+-------------------------+
+ *         |FROZEN | DONE |  tag (22)    |  block offset / 16      |
+ *         +-------+------+--------------+-------------------------+
+ *         offset 0 = never written (absent, version 0). Otherwise the key's
+ *         current VALUE or TOMB block; every change is a CAS that bumps the
+ *         tag (SYNC POINT: value-publish). During a migration a copier sets
+ *         FROZEN (no change here any more; the value is still current), then
+ *         DONE (the key's authority is the next table). A DONE ref keeps the
+ *         offset of a value it copied, or has offset 0 if the key was absent
+ *         and dropped: then the key block is freed with this table.
  */
 typedef struct sg_table_hdr {
-    uint64_t nslots;     /* power of two; immutable */
-    uint64_t generation; /* 1 for the first table; reserved for migration */
-    uint64_t _pad[4];
+    /* line A (shares the line with the block header): immutable while the
+     * table is in use, but for `next` (CAS once) and the retired fields */
+    uint64_t nslots;       /* power of two */
+    uint64_t generation;   /* 1 for the first table, +1 per migration */
+    uint64_t next;         /* 0, or the table this one migrates to (CAS once; SYNC POINT: table-publish) */
+    uint64_t slot_limit;   /* slots that may be bound by inserts: 3/4 of nslots */
+    uint64_t retired_next; /* link in sg_map_hdr.retired; written by the retirer */
+    uint64_t retired_epoch;/* global epoch after it was retired; written by the retirer */
+    /* line B: bound slots. Inserters and copiers add before binding. */
+    uint64_t used;
+    uint64_t _pad1[7];
+    /* line C: migration progress. Helpers claim chunks, count finished ones. */
+    uint64_t copy_claim;   /* chunk claims so far (taken modulo the chunk count) */
+    uint64_t chunks_done;  /* chunks whose every slot is final (MOVED or DONE) */
+    uint64_t _pad2[6];
 } sg_table_hdr;
 
 typedef struct sg_slot {
@@ -299,12 +343,24 @@ typedef struct sg_slot {
     uint64_t ref;
 } sg_slot;
 
-_Static_assert(sizeof(sg_table_hdr) == 48, "slots start at block + 64");
+_Static_assert(offsetof(sg_table_hdr, used) == 48, "used on the table's second line");
+_Static_assert(offsetof(sg_table_hdr, copy_claim) == 112, "copy progress on the table's third line");
+_Static_assert(sizeof(sg_table_hdr) == 176, "slots start at block + 192");
 _Static_assert(sizeof(sg_slot) == 16, "four slots per cache line");
 
+#define SG_COPY_CHUNK 256u /* slots a helper copies per claim */
+
+#define SG_HEAD_MOVED 1ull
 #define SG_HEAD(hash, off) (((hash) & 0xffff000000000000ull) | ((uint64_t)(off) >> 4))
 #define SG_HEAD_OFF(h) (((h) & 0x0000ffffffffffffull) << 4)
 #define SG_HEAD_TAG(h) ((h) >> 48)
+
+#define SG_REF_FROZEN (1ull << 63)
+#define SG_REF_DONE (1ull << 62)
+#define SG_REF_TAG_BITS 22u
+#define SG_REF(tag, off) ((((uint64_t)(tag) & ((1ull << SG_REF_TAG_BITS) - 1)) << 40) | ((uint64_t)(off) >> 4))
+#define SG_REF_TAG(r) (((r) >> 40) & ((1ull << SG_REF_TAG_BITS) - 1))
+#define SG_REF_OFF(r) (((r) & ((1ull << 40) - 1)) << 4)
 
 /* object kinds, stored in sg_dirent.kind */
 enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1 };

@@ -66,6 +66,7 @@
 
 typedef struct sg_grid sg_grid;
 typedef struct sg_map sg_map;
+typedef struct sg_iter sg_iter;
 
 typedef struct sg_grid_info {
     uint64_t size;         /* bytes of the segment */
@@ -114,7 +115,10 @@ typedef struct sg_map_report {
     int64_t live_counter;      /* what len() reports */
     uint64_t block_bytes;      /* bytes of reachable blocks: header, keys, values, tombstones */
     uint64_t table_bytes;
-    uint64_t generation;
+    uint64_t generation;       /* 1 for the first table, +1 per migration */
+    uint64_t version_floor;    /* highest version of a tombstone a migration dropped */
+    uint64_t retired_tables;   /* old tables waiting for readers to move on */
+    uint64_t retired_bytes;
     uint32_t max_key;
     uint32_t max_value;
     int32_t error;             /* SG_OK, or SG_ECORRUPT with sg_errmsg() set */
@@ -137,10 +141,14 @@ int sg_grid_proc(sg_grid *g, uint32_t index, sg_proc_info *out);
 int sg_grid_validate(sg_grid *g, sg_heap_report *out);
 int sg_pid_alive(uint32_t pid, uint64_t start_ticks);
 
+/* capacity: keys the first table holds; 0 = default. max_capacity: 0, or
+ * the number of keys growth stops at. max_key/max_value: 0 = default. On
+ * an existing map, every non-zero parameter must equal the map's. */
 int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_key,
-                uint32_t max_value, sg_map **out);
+                uint32_t max_value, uint64_t max_capacity, sg_map **out);
 void sg_map_free(sg_map *m);
-int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value);
+int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value,
+                  uint64_t *max_capacity);
 /* Returns the value's length (copying up to cap bytes into out), SG_ENOKEY
  * if the key is absent, or another negative error. *version (if not NULL)
  * receives the key's version: a tombstone's for a deleted key, 0 if never
@@ -159,8 +167,19 @@ int sg_map_delete(sg_map *m, const char *key, size_t klen, char *out, size_t cap
 int sg_map_incr(sg_map *m, const char *key, size_t klen, int64_t delta, int64_t *result,
                 uint64_t *version);
 int64_t sg_map_len(sg_map *m);
-int sg_map_next(sg_map *m, uint64_t *cursor, char *kout, size_t kcap, size_t *klen,
-                char *vout, size_t vcap, size_t *vlen, uint64_t *version);
+/* Force a migration to a table sized for the keys present (dropping the
+ * slots of deleted keys) and help until it is complete. */
+int sg_map_compact(sg_map *m);
+/* Walk the keys present: weakly consistent (every key present for the whole
+ * walk is seen once; keys added or removed meanwhile may or may not be).
+ * An open iterator keeps the table it walks from being freed: free it. */
+int sg_iter_open(sg_map *m, sg_iter **out);
+int sg_iter_next(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap,
+                 size_t *vlen, uint64_t *version);
+void sg_iter_free(sg_iter *it);
+/* Finish any migration, then walk the table and check every invariant.
+ * With repair, reset the live and slot counters to what the walk found
+ * (only while no other process writes). */
 int sg_map_validate(sg_map *m, int repair, sg_map_report *out);
 
 /* A per-thread call context for the hot paths: every argument cffi must

@@ -100,6 +100,11 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     with Grid.attach(args.name) as g:
+        others = [p["pid"] for p in _others(g.processes()) if p["alive"]]
+        if args.repair and others:
+            print(f"shmgrid validate: not repairing while other processes are attached (pids {others}); "
+                  "counters are only recounted on an idle grid", file=sys.stderr)
+            return 1
         if args.repair:
             for o in g.objects():
                 if o["kind"] == "map":

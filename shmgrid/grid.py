@@ -224,17 +224,20 @@ class Grid:
         capacity: Optional[int] = None,
         max_key: Optional[int] = None,
         max_value: Optional[int] = None,
+        max_capacity: Optional[int] = None,
     ) -> "Map":
         """Create or open the map ``name``.
 
-        Parameters matter only on creation (defaults: capacity
-        ``lib.SG_DEFAULT_CAPACITY`` keys, max_key 256 bytes, max_value 4096
-        bytes); when opening an existing map, any parameter given must equal
-        the map's or ObjectMismatch is raised.
+        ``capacity`` sizes the first table (default 16,384 keys); the map
+        grows online past it, up to ``max_capacity`` keys if given, else
+        until the grid's heap is full. Deleted keys' room comes back by
+        itself. Parameters matter only on creation; when opening an existing
+        map, any parameter given must equal the map's or ObjectMismatch is
+        raised.
         """
         from .map import Map
 
-        return Map._open(self, name, capacity, max_key, max_value)
+        return Map._open(self, name, capacity, max_key, max_value, max_capacity)
 
     # ---- introspection ------------------------------------------------------
 
@@ -285,7 +288,9 @@ class Grid:
         """Walk the heap's free lists and every map; raise CorruptSegment on
         a broken invariant. Returns heap figures and per-map reports.
 
-        ``leaked_bytes`` (carved, yet neither free nor reachable) is exact
+        ``retired_bytes`` are old tables (and the key blocks of keys they
+        dropped) waiting for every process reading them to move on.
+        ``leaked_bytes`` (carved, yet neither free, reachable nor retired) is exact
         only while no process is writing: it counts blocks held by processes
         killed mid-operation.
         """
@@ -295,6 +300,7 @@ class Grid:
             raise_for(rc)
         maps = {o["name"]: self.map(o["name"]).validate() for o in self.objects() if o["kind"] == "map"}
         reachable = sum(r["block_bytes"] + r["table_bytes"] for r in maps.values())
+        retired = sum(r["retired_bytes"] for r in maps.values())
         return {
             "heap_bytes": out.heap_bytes,
             "carved_bytes": out.carved_bytes,
@@ -302,7 +308,8 @@ class Grid:
             "free_bytes": out.free_bytes,
             "free_blocks": out.free_blocks,
             "reachable_bytes": reachable,
-            "leaked_bytes": max(0, out.carved_bytes - out.gap_bytes - out.free_bytes - reachable),
+            "retired_bytes": retired,
+            "leaked_bytes": max(0, out.carved_bytes - out.gap_bytes - out.free_bytes - reachable - retired),
             "maps": maps,
         }
 

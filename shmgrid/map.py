@@ -77,19 +77,19 @@ class _WalkBuffers:
         self.len = ffi.new("size_t *")
         self.klen = ffi.new("size_t *")
         self.ver = ffi.new("uint64_t *")
-        self.cursor = ffi.new("uint64_t *")
 
 
 class Map(MutableMapping):  # type: ignore[type-arg]
     """A named map in a :class:`~shmgrid.Grid`. Get one with ``grid.map(name)``."""
 
-    __slots__ = ("_grid", "_h", "_name", "_cap", "_max_key", "_capacity", "_tls", "__weakref__")
+    __slots__ = ("_grid", "_h", "_name", "_cap", "_max_key", "_capacity", "_max_capacity", "_tls", "__weakref__")
     _grid: Any
     _h: Any
     _name: str
     _cap: int
     _max_key: int
     _capacity: int
+    _max_capacity: Optional[int]
     _tls: _PerThread
 
     @classmethod
@@ -100,14 +100,17 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         capacity: Optional[int],
         max_key: Optional[int],
         max_value: Optional[int],
+        max_capacity: Optional[int] = None,
     ) -> "Map":
-        for arg, v in (("capacity", capacity), ("max_key", max_key), ("max_value", max_value)):
+        for arg, v in (("capacity", capacity), ("max_key", max_key), ("max_value", max_value),
+                       ("max_capacity", max_capacity)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise TypeError(f"{arg} must be a positive int or None, got {v!r}")
         cn = cname(name, "map")
         out = ffi.new("sg_map **")
         try:
-            rc = lib.sg_map_open(grid._handle(), cn, capacity or 0, max_key or 0, max_value or 0, out)
+            rc = lib.sg_map_open(grid._handle(), cn, capacity or 0, max_key or 0, max_value or 0,
+                                 max_capacity or 0, out)
         except OverflowError:
             raise _limits_error(capacity, max_key, max_value) from None
         if rc:
@@ -119,8 +122,9 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         cap = ffi.new("uint64_t *")
         mk = ffi.new("uint32_t *")
         mv = ffi.new("uint32_t *")
-        lib.sg_map_params(m._h, cap, mk, mv)
-        m._capacity, m._max_key, m._cap = cap[0], mk[0], mv[0]
+        mc = ffi.new("uint64_t *")
+        lib.sg_map_params(m._h, cap, mk, mv, mc)
+        m._capacity, m._max_key, m._cap, m._max_capacity = cap[0], mk[0], mv[0], mc[0] or None
         m._tls = _PerThread(m._h, max(m._cap, 8))
         return m
 
@@ -132,8 +136,13 @@ class Map(MutableMapping):  # type: ignore[type-arg]
 
     @property
     def capacity(self) -> int:
-        """Keys the map was created to hold."""
+        """Keys the map's first table was sized for (it grows past them)."""
         return self._capacity
+
+    @property
+    def max_capacity(self) -> Optional[int]:
+        """Keys growth stops at (rounded up to the table size), or None."""
+        return self._max_capacity
 
     @property
     def max_key(self) -> int:
@@ -302,16 +311,24 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     # ---- iteration ------------------------------------------------------------
 
     def _walk(self) -> Iterator[Tuple[bytes, bytes, int]]:
+        out = ffi.new("sg_iter **")
+        rc = lib.sg_iter_open(self._h, out)
+        if rc:
+            raise_for(rc)
+        # Until the walk ends (or this generator is collected) the iterator
+        # keeps the table it walks from being freed by a migration.
+        it = ffi.gc(out[0], lib.sg_iter_free)
         b = _WalkBuffers(max(self._cap, 8), max(self._max_key, 1))
-        cursor = b.cursor
-        cursor[0] = 0
-        while True:
-            rc = lib.sg_map_next(self._h, cursor, b.key, self._max_key, b.klen, b.val, self._cap, b.len, b.ver)
-            if rc == _NO:
-                return
-            if rc:
-                raise_for(rc)
-            yield ffi.unpack(b.key, b.klen[0]), ffi.unpack(b.val, b.len[0]), b.ver[0]
+        try:
+            while True:
+                rc = lib.sg_iter_next(it, b.key, self._max_key, b.klen, b.val, self._cap, b.len, b.ver)
+                if rc == _NO:
+                    return
+                if rc:
+                    raise_for(rc)
+                yield _unpack(b.key, b.klen[0]), _unpack(b.val, b.len[0]), b.ver[0]
+        finally:
+            ffi.release(it)
 
     def __iter__(self) -> Iterator[bytes]:
         for k, _, _ in self._walk():
@@ -333,11 +350,21 @@ class Map(MutableMapping):  # type: ignore[type-arg]
 
     # ---- maintenance ------------------------------------------------------------
 
+    def compact(self) -> None:
+        """Migrate now to a table sized for the keys present, dropping the
+        slots of deleted keys, and return when the migration is complete.
+        Other processes keep reading and writing meanwhile. Not needed for
+        correctness: inserts migrate the table by themselves when it fills."""
+        rc = lib.sg_map_compact(self._h)
+        if rc:
+            raise_for(rc)
+
     def validate(self, repair: bool = False) -> Dict[str, int]:
         """Walk the whole table and check every invariant; raise
         CorruptSegment if one is broken. Returns counts (live keys,
         tombstones, bound slots, bytes).
 
+        A migration under way is finished first (this call helps copy).
         With ``repair=True``, also reset len()'s counter and the slot
         reservation count to what the walk found; do that only while no
         process writes the map (processes killed between their CAS and their
@@ -349,7 +376,8 @@ class Map(MutableMapping):  # type: ignore[type-arg]
             raise_for(rc)
         return {f: getattr(out, f) for f in (
             "capacity", "nslots", "slot_limit", "used", "bound", "live", "tombstones",
-            "live_counter", "block_bytes", "table_bytes", "generation", "max_key", "max_value")}
+            "live_counter", "block_bytes", "table_bytes", "generation", "version_floor",
+            "retired_tables", "retired_bytes", "max_key", "max_value")}
 
 
 def _limits_error(capacity: Optional[int], max_key: Optional[int], max_value: Optional[int]) -> Exception:

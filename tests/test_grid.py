@@ -202,19 +202,33 @@ def test_oversize_writes_change_nothing(grid):
     assert m.validate()["bound"] == 1  # the rejected new key took no slot
 
 
-def test_map_full(grid):
-    m = grid.map("m", capacity=10, max_key=16, max_value=8)
+def test_map_full_at_max_capacity(grid):
+    m = grid.map("m", capacity=10, max_key=16, max_value=8, max_capacity=100)
+    assert m.max_capacity >= 100
     stored = 0
-    with pytest.raises(CapacityError, match="map is full"):
+    with pytest.raises(CapacityError, match="max_capacity"):
         for i in range(10_000):
             m.put(f"k{i}", b"v")
             stored += 1
-    assert stored >= 10
+    assert stored >= 100
     assert len(m) == stored
-    # what is stored stays readable and writable
+    # what is stored stays readable and writable; the failed key took nothing
     assert all(m[f"k{i}"] == b"v" for i in range(stored))
+    assert f"k{stored}" not in m
     m.put("k0", b"w")
     assert m.validate()["live"] == stored
+
+
+def test_map_full_when_heap_is(grid_name):
+    with Grid.create(grid_name, size="1MiB") as g:
+        m = g.map("m", capacity=64, max_key=16, max_value=64)
+        stored = 0
+        with pytest.raises(CapacityError, match="heap"):
+            for i in range(1_000_000):
+                m.put(b"%d" % i, b"v" * 64)
+                stored += 1
+        assert stored > 1000 and len(m) == stored
+        assert m.validate()["live"] == stored
 
 
 def test_key_and_value_types(grid):

@@ -571,8 +571,13 @@ def test_sigkill_during_migrations(grid_name):
         assert total_ops > 0 and sum(sh.ack_c) > 0, "the workers never got to work before being killed"
         assert grew >= 0.8 * rounds, f"migrations happened in only {grew} of {rounds} rounds: {gen}"
         assert gen[-1] - gen[0] >= kills, f"fewer migrations ({gen[-1] - gen[0]}) than kills ({kills})"
-        # dead processes do not hold retired memory forever, and the heap is bounded
-        assert h["carved_bytes"] - h["leaked_bytes"] <= 2 * carved_sample, (carved_sample, h)
+        # dead processes do not hold retired memory forever, and the heap is
+        # bounded: what is in use stays near the early sample; carving may go
+        # further, as freed blocks of one size class do not serve another
+        # (tables of many sizes come and go here), but stays under a ceiling
+        in_use = h["carved_bytes"] - h["free_bytes"] - h["gap_bytes"] - h["leaked_bytes"]
+        assert in_use <= 2 * carved_sample, (carved_sample, h)
+        assert h["carved_bytes"] <= 4 * carved_sample + (1 << 20), (carved_sample, h)
 
         # only the parent is left: after a few forced migrations, what was
         # retired while the workers lived has been reclaimed

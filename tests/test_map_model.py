@@ -330,7 +330,7 @@ TestMapModel.settings = settings(
 def test_capacity_error_writes_nothing(grid):
     """Filling a map ends in CapacityError; the failed insert takes no slot,
     bumps no version, leaks nothing, and existing keys stay writable."""
-    m = grid.map("full", capacity=8, max_key=16, max_value=16)
+    m = grid.map("full", capacity=8, max_key=16, max_value=16, max_capacity=64)
     stored = []
     with pytest.raises(shmgrid.CapacityError):
         for i in range(10_000):
