@@ -74,19 +74,20 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return 0
     info, heap = st["info"], st["heap"]
     print(f"grid {st['grid']}: {_human(info['size'])}, format {info['format']}, layout 0x{info['layout_sig']:08x}")
-    print(f"heap: {_human(heap['carved_bytes'])} carved of {_human(heap['heap_bytes'])}, "
-          f"{_human(heap['free_bytes'])} free for reuse, {_human(heap['reachable_bytes'])} in use, "
+    print(f"heap: {_human(heap['carved_bytes'])} carved of {_human(heap['heap_bytes'])}: "
+          f"{_human(heap['reachable_bytes'])} in use, {_human(heap['free_bytes'])} free for reuse, "
+          f"{_human(heap['retired_bytes'])} reclaimable (old tables waiting for readers), "
           f"{_human(heap['leaked_bytes'])} leaked (held by processes killed mid-write; exact only when idle)")
     rows = []
     for o in st["objects"]:
         r = o["report"]
         if r is None:
-            rows.append((o["name"], o["kind"], "-", "-", "-", "-", "-"))
+            rows.append((o["name"], o["kind"], "-", "-", "-", "-", "-", "-"))
             continue
-        rows.append((o["name"], o["kind"], r["live"], r["capacity"], f"{r['bound']}/{r['slot_limit']}",
-                     r["tombstones"], _human(r["block_bytes"] + r["table_bytes"])))
+        rows.append((o["name"], o["kind"], r["live"], r["tombstones"], f"{r['bound']}/{r['nslots']}",
+                     r["generation"], r["capacity"], _human(r["block_bytes"] + r["table_bytes"])))
     if rows:
-        print(_table(rows, ("OBJECT", "KIND", "ENTRIES", "CAPACITY", "SLOTS USED", "TOMBSTONES", "HEAP")))
+        print(_table(rows, ("OBJECT", "KIND", "ENTRIES", "TOMBSTONES", "SLOTS", "TABLE GEN", "CAPACITY", "HEAP")))
     else:
         print("no objects")
     procs = st["processes"]

@@ -28,17 +28,20 @@ def test_ls_stat_validate_rm(grid):
 
     r = run("stat", grid.name)
     assert r.returncode == 0, r.stderr
-    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("users"))
-    assert row.split()[:5] == ["users", "map", "9", "100", "10/" + row.split()[4].split("/")[1]]
-    assert "leaked" in r.stdout and str(os.getpid()) in r.stdout
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("users")).split()
+    assert row[:4] == ["users", "map", "9", "1"] and row[4].startswith("10/") and row[5:7] == ["1", "100"]
+    assert "leaked" in r.stdout and "reclaimable" in r.stdout and str(os.getpid()) in r.stdout
+    m.compact()
+    row = next(ln for ln in run("stat", grid.name).stdout.splitlines() if ln.startswith("users")).split()
+    assert row[2:4] == ["9", "0"] and row[5] == "2"  # tombstone dropped, second table generation
 
     st = json.loads(run("stat", grid.name, "--json").stdout)
     rep = st["objects"][0]["report"]
-    assert (rep["live"], rep["tombstones"], rep["capacity"]) == (9, 1, 100)
+    assert (rep["live"], rep["tombstones"], rep["capacity"], rep["generation"]) == (9, 0, 100, 2)
     assert st["heap"]["leaked_bytes"] == 0
 
     r = run("validate", grid.name)
-    assert r.returncode == 0 and "OK" in r.stdout and "9 keys, 1 tombstones" in r.stdout
+    assert r.returncode == 0 and "OK" in r.stdout and "9 keys, 0 tombstones" in r.stdout
 
     r = run("rm", grid.name)
     assert r.returncode == 0, r.stderr
