@@ -109,7 +109,14 @@ uint32_t sg_layout_signature(void)
         offsetof(sg_map_hdr, version_floor), sizeof(sg_table_hdr), sizeof(sg_slot), offsetof(sg_header, epoch),
         offsetof(sg_table_hdr, used), SG_COPY_CHUNK,
         _Alignof(sg_header), _Alignof(sg_dirent), _Alignof(sg_proc), _Alignof(sg_map_hdr), _Alignof(sg_slot),
-        SG_PW_PID_BITS,
+        SG_PW_PID_BITS, offsetof(sg_header, creator), offsetof(sg_header, heap_end), offsetof(sg_dirent, kind),
+        offsetof(sg_proc, owner), offsetof(sg_map_hdr, reclaimer), offsetof(sg_table_hdr, next),
+        offsetof(sg_table_hdr, chunks_done),
+        /* the bit encodings, not only the places: a build that packs a
+         * word differently must refuse the segment too */
+        sg__class_size(0), sg__class_size(7), sg__class_size(SG_NCLASSES - 1), SG_TAGGED(1, 16),
+        SG_META(1, 2, 3), SG_DIRENT_CREATING(1), SG_DIRENT_READY, SG_HEAD(~0ull, 16), SG_HEAD_MOVED,
+        SG_REF(1, 16), SG_REF_FROZEN, SG_REF_DONE,
     };
     uint64_t h = sg_hash64((const char *)v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));
@@ -388,8 +395,10 @@ static int sg__check_header(sg_grid *g, uint64_t fsize)
             return sg__fail(SG_EINCOMPAT, "grid '%s' is not ready after 2 s (creator pid %llu still initializing?)",
                             g->name, (unsigned long long)(creator & SG_PW_PID_MASK));
         if (waited_ms >= 2000)
-            return sg__fail(SG_EINCOMPAT, "grid '%s' is not a shmgrid segment, or its creator died before writing it",
-                            g->name);
+            return sg__fail(SG_EINCOMPAT,
+                            "grid '%s' is not a shmgrid segment, or its creator died before writing it; "
+                            "if it is an abandoned grid, remove it with Grid.unlink('%s')",
+                            g->name, g->name);
         sg__sleep_us(1000);
     }
     if (h->magic != SG_MAGIC)
@@ -600,6 +609,16 @@ int sg_grid_proc(sg_grid *g, uint32_t index, sg_proc_info *out)
 /* ------------------------------------------------------------------------ */
 /* directory                                                                 */
 
+static const char *sg__kind_name(uint32_t kind)
+{
+    switch (kind) {
+    case SG_OBJ_MAP:
+        return "map";
+    default:
+        return "object of an unknown kind";
+    }
+}
+
 static int sg__dirent_matches(const sg_dirent *e, const char *name, size_t n)
 {
     return e->name_len == n && memcmp(e->name, name, n) == 0;
@@ -625,8 +644,8 @@ restart:
             if (!sg__dirent_matches(e, name, n))
                 continue;
             if (e->kind != kind)
-                return sg__fail(SG_EMISMATCH, "object '%s' exists with another kind (%u, asked for %u)", name,
-                                e->kind, kind);
+                return sg__fail(SG_EMISMATCH, "object '%s' exists as a %s, not a %s", name, sg__kind_name(e->kind),
+                                sg__kind_name(kind));
             *out = e;
             return SG_OK;
         }

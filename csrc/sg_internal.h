@@ -31,14 +31,6 @@ struct sg_map {
 /* ---- errors: a per-thread message naming the cause ---- */
 int sg__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* ---- bounds-checked access into the segment ---- */
-static inline void *sg__at(const sg_grid *g, uint64_t off, uint64_t len)
-{
-    if (off < SG_HEAP_OFF || off > g->size || len > g->size - off)
-        return NULL;
-    return g->base + off;
-}
-
 static inline sg_header *sg__hdr(const sg_grid *g) { return (sg_header *)g->base; }
 
 /* Bytes of a block of size class c: 32, 48, then 64 << d times 4/4, 5/4,
