@@ -73,7 +73,7 @@ static int sg__tab_at(sg_map *m, uint64_t off, sg__tab *t)
     sg_table_hdr *h = (sg_table_hdr *)b->payload;
     uint64_t n = h->nslots;
     uint64_t room = sg__class_size(SG_META_CLASS(sg_load_relaxed(&b->meta))) - SG_BLOCK_HDR;
-    if (n < 8 || (n & (n - 1)) || n > (1ull << 40) || sg__table_bytes(n) > room)
+    if (n < 8 || (n & (n - 1)) || n > (1ull << SG_OFF_BITS) || sg__table_bytes(n) > room)
         return sg__fail(SG_ECORRUPT, "map table at offset %llu has a bad slot count %llu", (unsigned long long)off,
                         (unsigned long long)n);
     t->off = off;
@@ -210,7 +210,7 @@ static int sg__read(sg_map *m, sg_slot *s, sg__cur *c, char *out, size_t cap, co
         sg_fence_acquire();
         if (sg_load_acquire(&s->ref) != r)
             continue; /* changed under us: the copy may be torn; again */
-        /* The ref's 22-bit tag can come round to the same value after 2^22
+        /* The ref's 26-bit tag can come round to the same value after 2^26
          * changes while this reader is stalled; the block's version cannot
          * (a key's versions only grow), so a recycled block shows here. */
         if (sg_load_relaxed(&b->word) != version)
@@ -443,7 +443,7 @@ static int sg__copy_slot(sg_map *m, const sg__tab *t, const sg__tab *n, uint64_t
      * is not retired before DONE, but a copier that got there first may
      * have freed a tombstone, so read the block, then check the ref is
      * still this one (SYNC POINT: block-reuse). */
-    uint64_t off = SG_REF_OFF(r), done = (r & ~((1ull << 40) - 1)) | SG_REF_DONE; /* dropped: offset 0 */
+    uint64_t off = SG_REF_OFF(r), done = (r & ~SG_OFF_MASK) | SG_REF_DONE; /* dropped: offset 0 */
     int tomb = 0;
     if (off) {
         sg_block *b = sg__block(m->g, off);
@@ -861,6 +861,18 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
             uint64_t base = c.ref ? c.version : sg_load_acquire(&m->hdr->version_floor);
             sg_store_relaxed(&nb->word, base + 1);
             uint64_t r = c.ref;
+            /* The snapshot's block must still carry the version we decided
+             * on: narrows the window in which a stall outlasting 2^26
+             * changes could bring the same ref back (see README). */
+            if (c.ref) {
+                sg_block *ob = sg__block(m->g, SG_REF_OFF(c.ref));
+                if (!ob) {
+                    rc = sg__fail(SG_ECORRUPT, "map value reference points outside the heap");
+                    goto out;
+                }
+                if (sg_load_acquire(&ob->word) != c.version)
+                    continue;
+            }
             /* SYNC POINT: value-publish (release): the new block's meta,
              * version and payload are visible to every reader that acquires
              * ref. Acquire on success orders our free of the old block after

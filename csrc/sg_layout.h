@@ -235,13 +235,15 @@ _Static_assert(sizeof(sg_block) == 16, "block header is two words");
 #define SG_META_KIND(m) ((unsigned)(((m) >> 8) & 0xffu))
 #define SG_META_LEN(m) ((uint32_t)((m) >> 32))
 
-/* A tagged offset, used by free-list heads:
- * bits 0-39 offset / 16 (segments up to 16 TiB), bits 40-63 a tag that grows
- * on every successful CAS so a recycled offset never compares equal. */
-#define SG_TAGGED_OFF(t) (((t) & ((1ull << 40) - 1)) << 4)
-#define SG_TAGGED_TAG(t) ((t) >> 40)
-#define SG_TAGGED(tag, off) ((((uint64_t)(tag)) << 40) | ((uint64_t)(off) >> 4))
-#define SG_MAX_SEGMENT (1ull << 44)
+/* A tagged offset, used by free-list heads: bits 0-35 offset / 16
+ * (segments up to 1 TiB), bits 36-63 a tag that grows on every successful
+ * CAS, so a recycled offset compares equal only after 2^28 changes. */
+#define SG_OFF_BITS 36u
+#define SG_OFF_MASK ((1ull << SG_OFF_BITS) - 1)
+#define SG_TAGGED_OFF(t) (((t) & SG_OFF_MASK) << 4)
+#define SG_TAGGED_TAG(t) ((t) >> SG_OFF_BITS)
+#define SG_TAGGED(tag, off) ((((uint64_t)(tag)) << SG_OFF_BITS) | ((uint64_t)(off) >> 4))
+#define SG_MAX_SEGMENT (1ull << (SG_OFF_BITS + 4))
 
 /* ------------------------------------------------------------------------
  * Map.
@@ -308,9 +310,9 @@ _Static_assert(sizeof(sg_map_hdr) == 4 * SG_CACHE_LINE, "layout");
  *         offset / 16. Bound once by CAS from 0 (SYNC POINT: key-publish) and
  *         never changed again.
  *
- *   ref   63      62     61 ........ 40   39 ................... 0
+ *   ref   63      62     61 ........ 36   35 ................... 0
  *         +-------+------+--------------+-------------------------+
- *         |FROZEN | DONE |  tag (22)    |  block offset / 16      |
+ *         |FROZEN | DONE |  tag (26)    |  block offset / 16      |
  *         +-------+------+--------------+-------------------------+
  *         offset 0 = never written (absent, version 0). Otherwise the key's
  *         current VALUE or TOMB block; every change is a CAS that bumps the
@@ -357,10 +359,10 @@ _Static_assert(sizeof(sg_slot) == 16, "four slots per cache line");
 
 #define SG_REF_FROZEN (1ull << 63)
 #define SG_REF_DONE (1ull << 62)
-#define SG_REF_TAG_BITS 22u
-#define SG_REF(tag, off) ((((uint64_t)(tag) & ((1ull << SG_REF_TAG_BITS) - 1)) << 40) | ((uint64_t)(off) >> 4))
-#define SG_REF_TAG(r) (((r) >> 40) & ((1ull << SG_REF_TAG_BITS) - 1))
-#define SG_REF_OFF(r) (((r) & ((1ull << 40) - 1)) << 4)
+#define SG_REF_TAG_BITS 26u
+#define SG_REF(tag, off) ((((uint64_t)(tag) & ((1ull << SG_REF_TAG_BITS) - 1)) << SG_OFF_BITS) | ((uint64_t)(off) >> 4))
+#define SG_REF_TAG(r) (((r) >> SG_OFF_BITS) & ((1ull << SG_REF_TAG_BITS) - 1))
+#define SG_REF_OFF(r) (((r) & SG_OFF_MASK) << 4)
 
 /* object kinds, stored in sg_dirent.kind */
 enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1 };
