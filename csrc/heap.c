@@ -11,6 +11,10 @@
  * here because the segment is always mapped: the value read is garbage, and
  * the tagged CAS on the head then fails.
  */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+
 #include "sg_internal.h"
 
 sg_block *sg__block(const sg_grid *g, uint64_t off)
@@ -22,6 +26,33 @@ sg_block *sg__block(const sg_grid *g, uint64_t off)
     if (cls >= SG_NCLASSES || sg__class_size(cls) > g->size - off)
         return NULL;
     return b;
+}
+
+#define SG_BACKING_STEP (2ull << 20)
+
+/* Make sure tmpfs pages exist up to `end`, allocating them 2 MiB at a time
+ * ahead of the shared watermark: a store to a page tmpfs cannot supply
+ * kills the process with SIGBUS, a failed fallocate is an error instead.
+ * Filesystems without fallocate just skip it. */
+static int sg__back(sg_grid *g, uint64_t end)
+{
+    sg_header *h = sg__hdr(g);
+    uint64_t backed = sg_load_acquire(&h->backed);
+    if (end <= backed)
+        return SG_OK;
+    uint64_t to = (end + SG_BACKING_STEP - 1) & ~(SG_BACKING_STEP - 1);
+    if (to > g->size)
+        to = g->size;
+    int err = posix_fallocate(g->fd, (off_t)backed, (off_t)(to - backed));
+    if (err == ENOSPC || err == ENOMEM || err == EFBIG)
+        return sg__fail(SG_ENOMEM,
+                        "grid '%s' heap exhausted: /dev/shm has no memory left for the next %llu bytes "
+                        "(the grid's size is a ceiling; the machine's shared memory ran out first)",
+                        g->name, (unsigned long long)(to - backed));
+    /* release: pairs with the acquire above (publishes nothing but the fact) */
+    while (backed < to && !sg_cas_release(&h->backed, &backed, to))
+        ;
+    return SG_OK;
 }
 
 /* Carve a fresh block of class `cls` from the break. */
@@ -44,6 +75,9 @@ static int sg__carve(sg_grid *g, unsigned cls, uint64_t *off)
                             "(create the grid with a larger size)",
                             g->name, (unsigned long long)bs, (unsigned long long)(old < g->size ? g->size - old : 0),
                             (unsigned long long)g->size);
+        int rc = sg__back(g, start + bs);
+        if (rc)
+            return rc;
         /* relaxed: the break only hands out disjoint ranges of never-written,
          * zero memory; the block's contents are published later by the CAS
          * that makes it reachable. */

@@ -109,7 +109,7 @@ uint32_t sg_layout_signature(void)
         offsetof(sg_map_hdr, version_floor), sizeof(sg_table_hdr), sizeof(sg_slot), offsetof(sg_header, epoch),
         offsetof(sg_table_hdr, used), SG_COPY_CHUNK,
         _Alignof(sg_header), _Alignof(sg_dirent), _Alignof(sg_proc), _Alignof(sg_map_hdr), _Alignof(sg_slot),
-        SG_PW_PID_BITS, offsetof(sg_header, creator), offsetof(sg_header, heap_end), offsetof(sg_dirent, kind),
+        SG_PW_PID_BITS, offsetof(sg_header, creator), offsetof(sg_header, heap_end), offsetof(sg_header, backed), offsetof(sg_dirent, kind),
         offsetof(sg_proc, owner), offsetof(sg_map_hdr, reclaimer), offsetof(sg_table_hdr, next),
         offsetof(sg_table_hdr, chunks_done),
         /* the bit encodings, not only the places: a build that packs a
@@ -334,12 +334,19 @@ int sg_grid_create(const char *name, uint64_t size, uint32_t mode, sg_grid **out
         rc = sg__fail_errno(errno, "ftruncate", name);
         goto fail_unlink;
     }
+    /* The header, directory and process table are written at once: their
+     * pages must exist, or a full /dev/shm would SIGBUS us (see sg__back). */
+    int ferr = posix_fallocate(fd, 0, SG_HEAP_OFF);
+    if (ferr == ENOSPC || ferr == ENOMEM) {
+        rc = sg__fail(SG_ENOMEM, "no room for grid '%s': /dev/shm is full", name);
+        goto fail_unlink;
+    }
     void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) {
         rc = sg__fail_errno(errno, "mmap", name);
         goto fail_unlink;
     }
-    close(fd);
+    g->fd = fd;
     g->base = base;
     g->size = size;
 
@@ -351,6 +358,7 @@ int sg_grid_create(const char *name, uint64_t size, uint32_t mode, sg_grid **out
     h->size = size;
     h->created_ns = sg__now_ns();
     h->brk = SG_HEAP_OFF;
+    h->backed = SG_HEAP_OFF;
     h->heap_end = size;
     h->magic = SG_MAGIC;
     /* SYNC POINT: segment-ready (release): every identity field above is
@@ -360,6 +368,7 @@ int sg_grid_create(const char *name, uint64_t size, uint32_t mode, sg_grid **out
     rc = sg__claim_slot(g);
     if (rc) {
         munmap(g->base, g->size);
+        close(g->fd);
         free(g);
         return rc;
     }
@@ -460,12 +469,13 @@ int sg_grid_attach(const char *name, sg_grid **out)
                         (long long)st.st_size);
     }
     void *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
     if (base == MAP_FAILED) {
         rc = sg__fail_errno(errno, "mmap", name);
+        close(fd);
         free(g);
         return rc;
     }
+    g->fd = fd;
     g->base = base;
     g->size = (uint64_t)st.st_size;
     rc = sg__check_header(g, g->size);
@@ -473,6 +483,7 @@ int sg_grid_attach(const char *name, sg_grid **out)
         rc = sg__claim_slot(g);
     if (rc) {
         munmap(g->base, g->size);
+        close(g->fd);
         free(g);
         return rc;
     }
@@ -503,6 +514,7 @@ void sg_grid_close(sg_grid *g)
     if (g->slot < SG_PROC_SLOTS)
         sg_cas_acq_rel(&sg__procs(g)[g->slot].owner, &mine, 0);
     munmap(g->base, g->size);
+    close(g->fd);
     g->base = NULL;
 }
 

@@ -15,6 +15,7 @@ struct sg_grid {
     uint64_t size;     /* bytes mapped */
     uint64_t self;     /* this process's word (pid | start time) */
     uint32_t slot;     /* process-table slot held by this handle */
+    int fd;            /* the shm object, kept to fallocate heap pages before use */
     int refs;          /* 1 for the grid handle + 1 per object handle */
     char name[SG_GRID_NAME_MAX_LEN + 1];
 };

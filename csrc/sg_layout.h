@@ -94,7 +94,9 @@ typedef struct sg_header {
     uint64_t brk;         /* offset of the first byte never carved; grows up to heap_end */
     uint64_t heap_end;    /* == size; immutable */
     uint64_t gap_bytes;   /* bytes skipped to align carved blocks; carvers add, stat reads */
-    uint8_t _pad2[SG_CACHE_LINE - 24];
+    uint64_t backed;      /* offset up to which tmpfs pages are allocated (fallocate), so
+                             a carved block never faults on a full /dev/shm; carvers raise it */
+    uint8_t _pad2[SG_CACHE_LINE - 32];
 
     /* line 2: reclamation epoch. Bumped (seq_cst) by whoever retires a
      * table; loaded by every process entering a map operation, which

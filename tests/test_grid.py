@@ -4,7 +4,10 @@ use after close, fork and spawn."""
 import multiprocessing as mp
 import os
 import random
+import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -473,3 +476,33 @@ def test_process_table_reuses_dead_slots(grid):
         assert p.exitcode == 0
     assert grid.map("m").get("n") == struct.pack("<q", 3 * lib.SG_PROC_TABLE_SIZE // 2)
     assert sum(p["alive"] for p in grid.processes()) == base
+
+
+# ---- a full /dev/shm --------------------------------------------------------------
+
+_FILL_TWO_GRIDS = """
+import shmgrid
+grids = [shmgrid.Grid.create(f"g{i}", size="6MiB") for i in range(2)]  # 12 MiB on an 8 MiB tmpfs
+errors = []
+for g in grids:
+    m = g.map("m", capacity=64, max_key=16, max_value=256)
+    try:
+        for i in range(1_000_000):
+            m.put(b"%d" % i, b"v" * 256)
+    except shmgrid.CapacityError as e:
+        errors.append(str(e))
+    assert len(m) > 100 and m.get(b"1") == b"v" * 256
+    m.validate()
+print("ERRORS", errors)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+@pytest.mark.timeout(120)
+def test_full_dev_shm_is_an_error_not_sigbus():
+    """Grids are sparse, so two can overcommit /dev/shm; filling them must
+    end in CapacityError, never in SIGBUS."""
+    script = f"mount -t tmpfs -o size=8m tmpfs /dev/shm && {sys.executable} -c '{_FILL_TWO_GRIDS}'"
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert "/dev/shm has no memory left" in r.stdout, r.stdout
