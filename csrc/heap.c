@@ -34,13 +34,15 @@ sg_block *sg__block(const sg_grid *g, uint64_t off)
  * ahead of the shared watermark: a store to a page tmpfs cannot supply
  * kills the process with SIGBUS, a failed fallocate is an error instead.
  * Filesystems without fallocate just skip it. */
-static int sg__back(sg_grid *g, uint64_t end)
+static int sg__back_to(sg_grid *g, uint64_t end, int one_step)
 {
     sg_header *h = sg__hdr(g);
     uint64_t backed = sg_load_acquire(&h->backed);
     if (end <= backed)
         return SG_OK;
     uint64_t to = (end + SG_BACKING_STEP - 1) & ~(SG_BACKING_STEP - 1);
+    if (one_step && to > backed + SG_BACKING_STEP)
+        to = (backed + SG_BACKING_STEP) & ~(SG_BACKING_STEP - 1);
     if (to > g->size)
         to = g->size;
     int err = posix_fallocate(g->fd, (off_t)backed, (off_t)(to - backed));
@@ -53,6 +55,20 @@ static int sg__back(sg_grid *g, uint64_t end)
     while (backed < to && !sg_cas_release(&h->backed, &backed, to))
         ;
     return SG_OK;
+}
+
+static int sg__back(sg_grid *g, uint64_t end) { return sg__back_to(g, end, 0); }
+
+uint64_t sg__block_bytes(uint64_t payload)
+{
+    unsigned c = sg__class_for(payload + SG_BLOCK_HDR);
+    return c < SG_NCLASSES ? sg__class_size(c) : 0;
+}
+
+void sg__prepare(sg_grid *g, uint64_t bytes)
+{
+    uint64_t want = sg_load_relaxed(&sg__hdr(g)->brk) + bytes + SG_BACKING_STEP;
+    (void)sg__back_to(g, want < g->size ? want : g->size, 1); /* a failure shows when the block is carved */
 }
 
 /* Carve a fresh block of class `cls` from the break. */

@@ -320,16 +320,27 @@ static void sg__retire_push(sg_map *m, const sg__tab *t)
     } while (!sg_cas_release(&m->hdr->retired, &head, t->off));
 }
 
-/* Free a retired table: the key blocks of the keys it dropped (the copied
- * ones now belong to the next table), then the table. */
-static void sg__free_table(sg_map *m, const sg__tab *t)
+#define SG_RECLAIM_SLICE 65536u /* slots a reclaimer walks per call, to bound its pause */
+
+/* Free the key blocks of the keys a retired table dropped (the copied ones
+ * now belong to the next table), one slice of slots per call, so freeing a
+ * large table never pauses a writer long. Each slot is marked before its
+ * key block is freed, so a reclaimer killed mid-walk leaks at most one
+ * block and never frees one twice. The table itself goes once this is done. */
+static void sg__drop_keys_slice(sg_map *m, const sg__tab *t)
 {
-    for (uint64_t i = 0; i <= t->mask; i++) {
-        uint64_t h = sg_load_relaxed(&t->slots[i].head), r = sg_load_relaxed(&t->slots[i].ref);
-        if (h != 0 && h != SG_HEAD_MOVED && (r & SG_REF_DONE) && SG_REF_OFF(r) == 0)
-            sg__free(m->g, SG_HEAD_OFF(h));
+    {
+        uint64_t i = sg_load_relaxed(&t->h->reclaim_pos), end = i + SG_RECLAIM_SLICE;
+        for (; i <= t->mask && i < end; i++) {
+            sg_slot *s = &t->slots[i];
+            uint64_t h = sg_load_relaxed(&s->head), r = sg_load_relaxed(&s->ref);
+            if (h != 0 && h != SG_HEAD_MOVED && (r & SG_REF_DONE) && SG_REF_OFF(r) == 0) {
+                sg_store_relaxed(&s->head, SG_HEAD_MOVED);
+                sg__free(m->g, SG_HEAD_OFF(h));
+            }
+        }
+        sg_store_relaxed(&t->h->reclaim_pos, i);
     }
-    sg__free(m->g, t->off);
 }
 
 /* Free the retired tables no process can still be reading, one at a time:
@@ -354,7 +365,11 @@ static void sg__reclaim(sg_map *m)
         if (sg__tab_at(m, off, &t))
             break; /* damaged list: leak rather than guess */
         uint64_t after = sg_load_relaxed(&t.h->retired_next);
-        if (!sg__quiescent(m->g, sg_load_relaxed(&t.h->retired_epoch))) {
+        if (!sg__quiescent(m->g, sg_load_relaxed(&t.h->retired_epoch)) ||
+            (sg_load_relaxed(&t.h->dropped) && sg_load_relaxed(&t.h->reclaim_pos) <= t.mask)) {
+            /* not yet; or free its dropped keys a slice at a time first */
+            if (sg__quiescent(m->g, sg_load_relaxed(&t.h->retired_epoch)))
+                sg__drop_keys_slice(m, &t);
             link = &t.h->retired_next;
             continue;
         }
@@ -366,7 +381,7 @@ static void sg__reclaim(sg_map *m)
         } else {
             sg_store_release(link, after);
         }
-        sg__free_table(m, &t);
+        sg__free(m->g, t.off);
     }
     uint64_t mine = m->g->self;
     sg_cas_acq_rel(&mh->reclaimer, &mine, 0);
@@ -466,8 +481,12 @@ static int sg__copy_slot(sg_map *m, const sg__tab *t, const sg__tab *n, uint64_t
                             SG_META_KIND(meta));
         }
     }
-    if (sg_cas_acq_rel(&s->ref, &r, done) && tomb)
-        sg__free(m->g, off); /* unreachable now; stale readers re-validate */
+    if (sg_cas_acq_rel(&s->ref, &r, done)) {
+        if (!SG_REF_OFF(done))
+            sg_fetch_add_relaxed(&t->h->dropped, 1);
+        if (tomb)
+            sg__free(m->g, off); /* unreachable now; stale readers re-validate */
+    }
     return SG_OK;
 }
 
@@ -520,12 +539,14 @@ static int sg__help(sg_map *m, const sg__tab *t, const sg__tab *n)
     return SG_OK;
 }
 
-/* Slots for a next table when the map holds `live` keys: room for twice
- * as many, never below the first table's size nor above max_slots. */
+/* Slots for a next table when the map holds `live` keys: room for half as
+ * many again, never below the first table's size nor above max_slots. */
 static int sg__next_size(sg_map *m, uint64_t live, uint64_t *nslots)
 {
     uint64_t want = m->hdr->min_slots, max = m->hdr->max_slots;
-    while (sg__slot_limit(want) < 2 * live + 64 && (!max || want < max))
+    /* room for half as many again: a table that filled (live = 3/4 of its
+     * slots) migrates to one twice its size */
+    while (sg__slot_limit(want) < live + live / 2 + 64 && (!max || want < max))
         want <<= 1;
     if (sg__slot_limit(want) < live + live / 8 + 16)
         return sg__fail(SG_EFULL, "map is full: %llu keys present, and max_capacity %llu allows no more",
@@ -638,6 +659,11 @@ static int sg__find_latest(sg_map *m, const sg__tab *t, const sg__tab *p, const 
             /* SYNC POINT: key-publish (release): the key block written above
              * is visible to whoever acquires this head. */
             if (sg_cas_release(&s->head, &h, SG_HEAD(hash, newkey))) {
+                /* Past half full, each insert backs 2 MiB more of the next
+                 * table's pages, so the put that starts the migration does
+                 * not fallocate the whole table at once. */
+                if (!p && sg_load_relaxed(&t->h->used) > t->h->slot_limit / 2)
+                    sg__prepare(g, sg__block_bytes(sg__table_bytes(2 * (t->mask + 1))));
                 *out = s;
                 return SG_OK;
             }

@@ -66,6 +66,12 @@ int sg__alloc(sg_grid *g, uint64_t payload, uint64_t *off, int *fresh);
 /* Return a block to its free list. The block must be unreachable for new
  * readers (unpublished, or its reference already CASed away). */
 void sg__free(sg_grid *g, uint64_t off);
+/* Allocate tmpfs pages one 2 MiB step further toward `bytes` past the heap
+ * break, so that a large block carved soon (a map's next table) does not
+ * pay for all its pages at once. */
+void sg__prepare(sg_grid *g, uint64_t bytes);
+/* Bytes of the block that would hold a payload of `payload` bytes. */
+uint64_t sg__block_bytes(uint64_t payload);
 
 /* ---- processes (segment.c) ---- */
 uint64_t sg__self_word(void);

@@ -339,7 +339,9 @@ typedef struct sg_table_hdr {
     /* line C: migration progress. Helpers claim chunks, count finished ones. */
     uint64_t copy_claim;   /* chunk claims so far (taken modulo the chunk count) */
     uint64_t chunks_done;  /* chunks whose every slot is final (MOVED or DONE) */
-    uint64_t _pad2[6];
+    uint64_t dropped;      /* keys the migration dropped; their key blocks die with the table */
+    uint64_t reclaim_pos;  /* slots of a retired table already rid of dropped key blocks */
+    uint64_t _pad2[4];
 } sg_table_hdr;
 
 typedef struct sg_slot {

@@ -294,11 +294,13 @@ class Grid:
         only while no process is writing: it counts blocks held by processes
         killed mid-operation.
         """
+        # Maps first: validating one finishes its migration and may free
+        # retired tables, which the heap walk must then see as free.
+        maps = {o["name"]: self.map(o["name"]).validate() for o in self.objects() if o["kind"] == "map"}
         out = ffi.new("sg_heap_report *")
         rc = lib.sg_grid_validate(self._handle(), out)
         if rc:
             raise_for(rc)
-        maps = {o["name"]: self.map(o["name"]).validate() for o in self.objects() if o["kind"] == "map"}
         reachable = sum(r["block_bytes"] + r["table_bytes"] for r in maps.values())
         retired = sum(r["retired_bytes"] for r in maps.values())
         return {
