@@ -34,7 +34,9 @@
  * All of it is idempotent, so a process killed at any point of a migration
  * leaves work that the next process finishes.
  */
+#define _GNU_SOURCE /* pid_t, getpid under -std=c11 */
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "sg_internal.h"
 
@@ -286,6 +288,8 @@ static void sg__reclaim(sg_map *m);
 
 static void sg__exit(sg_map *m)
 {
+    if (m->g->slot >= SG_PROC_SLOTS)
+        return; /* sg__enter refused: nothing to undo */
     /* release: this operation's reads of a table happen before a
      * reclaimer sees the count drop and frees it */
     sg_fetch_sub_release(sg__announcement(m), 1);
@@ -466,8 +470,10 @@ static int sg__copy_slot(sg_map *m, const sg__tab *t, const sg__tab *n, uint64_t
             return sg__fail(SG_ECORRUPT, "migration: a value reference points outside the heap");
         uint64_t meta = sg_load_relaxed(&b->meta), version = sg_load_relaxed(&b->word);
         sg_fence_acquire();
-        if (sg_load_relaxed(&s->ref) != r)
-            return SG_OK; /* another copier finished the slot */
+        /* acquire: if another copier finished the slot, what it did before
+         * its DONE (the copy, the floor) is visible to our caller */
+        if (sg_load_acquire(&s->ref) != r)
+            return SG_OK;
         if (SG_META_KIND(meta) == SG_BLK_VALUE) {
             int rc = sg__copy_into(m, n, h, off);
             if (rc)
@@ -539,31 +545,54 @@ static int sg__help(sg_map *m, const sg__tab *t, const sg__tab *n)
     return SG_OK;
 }
 
-/* Slots for a next table when the map holds `live` keys: room for half as
- * many again, never below the first table's size nor above max_slots. */
-static int sg__next_size(sg_map *m, uint64_t live, uint64_t *nslots)
+/* How many keys the copy of t may bring. The live counter alone will not
+ * do: it is off by one per writer killed between its CAS and its count,
+ * and a table sized from an undercount could not hold its copies. So: the
+ * larger of the counter and a count of present keys in 4096 slots spread
+ * over t (all slots if `exact`). Values are read without the re-check: an
+ * estimate, not a snapshot. */
+static uint64_t sg__estimate_live(sg_map *m, const sg__tab *t, int exact)
 {
-    uint64_t want = m->hdr->min_slots, max = m->hdr->max_slots;
-    /* room for half as many again: a table that filled (live = 3/4 of its
-     * slots) migrates to one twice its size */
+    uint64_t n = t->mask + 1, step = exact || n <= 4096 ? 1 : n / 4096, present = 0, looked = 0;
+    uint64_t first = (t->h->generation * 0x9e3779b97f4a7c15ull) % step; /* a different sample each table */
+    for (uint64_t i = first; i < n; i += step, looked++) {
+        uint64_t h = sg_load_acquire(&t->slots[i].head), r = sg_load_acquire(&t->slots[i].ref);
+        sg_block *b;
+        if (h != 0 && h != SG_HEAD_MOVED && SG_REF_OFF(r) && !(r & SG_REF_DONE) &&
+            (b = sg__block(m->g, SG_REF_OFF(r))) && SG_META_KIND(sg_load_relaxed(&b->meta)) == SG_BLK_VALUE)
+            present++;
+    }
+    uint64_t est = looked ? present * (n / looked) + present * (n % looked) / looked : 0;
+    int64_t counted = (int64_t)sg_load_relaxed(&m->hdr->live);
+    return exact || counted < 0 || (uint64_t)counted < est ? est : (uint64_t)counted;
+}
+
+/* Slots for the table t migrates to: room for the keys it holds and half
+ * as many again (so a table that filled doubles), never above max_slots.
+ * It never shrinks: every copy of t then fits, whatever the estimate. A
+ * compaction counts the keys exactly (an automatic migration samples). */
+static int sg__next_size(sg_map *m, const sg__tab *t, int compact, uint64_t *nslots)
+{
+    uint64_t live = sg__estimate_live(m, t, compact);
+    uint64_t maxcap = m->hdr->max_capacity, max = m->hdr->max_slots;
+    if (maxcap && live >= maxcap)
+        return sg__fail(SG_EFULL, "map is full: %llu keys present, its max_capacity is %llu",
+                        (unsigned long long)live, (unsigned long long)maxcap);
+    uint64_t want = t->mask + 1;
     while (sg__slot_limit(want) < live + live / 2 + 64 && (!max || want < max))
         want <<= 1;
-    if (sg__slot_limit(want) < live + live / 8 + 16)
-        return sg__fail(SG_EFULL, "map is full: %llu keys present, and max_capacity %llu allows no more",
-                        (unsigned long long)live, (unsigned long long)sg__slot_limit(max));
     *nslots = want;
     return SG_OK;
 }
 
 /* Begin migrating t, the head table, unless a migration already began. */
-static int sg__start_migration(sg_map *m, const sg__tab *t)
+static int sg__start_migration(sg_map *m, const sg__tab *t, int compact)
 {
     if (sg_load_acquire(&t->h->next))
         return SG_OK;
-    int64_t live = (int64_t)sg_load_relaxed(&m->hdr->live);
     uint64_t nslots = 0, off;
     int fresh;
-    int rc = sg__next_size(m, live < 0 ? 0 : (uint64_t)live, &nslots);
+    int rc = sg__next_size(m, t, compact, &nslots);
     if (rc)
         return rc;
     uint64_t bytes = sg__table_bytes(nslots);
@@ -742,7 +771,7 @@ static int sg__locate(sg_map *m, const char *key, size_t klen, uint64_t hash, in
         if (rc == SG_NEED_ROOM) {
             /* Grow (or clean) the head table; or, while an older migration
              * still fills t, help it along first. */
-            rc = has_p ? sg__help(m, &p, &t) : sg__start_migration(m, &t);
+            rc = has_p ? sg__help(m, &p, &t) : sg__start_migration(m, &t, 0);
             if (rc)
                 return rc;
             continue;
@@ -1024,7 +1053,7 @@ int sg_map_compact(sg_map *m)
     sg__tab t;
     rc = sg__head(m, &t);
     if (!rc)
-        rc = sg__start_migration(m, &t);
+        rc = sg__start_migration(m, &t, 1);
     sg__exit(m);
     if (!rc)
         rc = sg__finish(m);
@@ -1037,6 +1066,7 @@ int sg_map_compact(sg_map *m)
 
 struct sg_iter {
     sg_map *m;
+    pid_t pid;      /* the process that pinned: a forked child holds no pin */
     uint64_t table; /* the head table when the walk began, with no migration under way */
     uint64_t next;  /* next slot to visit */
     int pinned;     /* inside sg__enter: the walked table cannot be freed */
@@ -1063,6 +1093,7 @@ int sg_iter_open(sg_map *m, sg_iter **out)
         rc = sg__head(m, &t);
         if (!rc && (sg__next(m, &t, &n) == SG_NO || tries >= 8)) {
             it->m = m;
+            it->pid = getpid();
             it->table = t.off;
             it->pinned = 1;
             *out = it;
@@ -1082,6 +1113,8 @@ int sg_iter_next(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout,
     sg_map *m = it->m;
     if (!it->pinned)
         return SG_NO;
+    if (it->pid != getpid())
+        return sg__fail(SG_EINVAL, "iterator was opened in the parent process before fork; open a new one");
     if (!m->g->base)
         return sg__fail(SG_ECLOSED, "map used after its grid was closed");
     sg__tab t;
@@ -1128,7 +1161,7 @@ void sg_iter_free(sg_iter *it)
 {
     if (!it)
         return;
-    if (it->pinned && it->m->g->base)
+    if (it->pinned && it->m->g->base && it->pid == getpid())
         sg__exit(it->m);
     free(it);
 }
@@ -1176,7 +1209,8 @@ static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, vo
     mh->max_key = (uint32_t)param[1];
     mh->max_value = (uint32_t)param[2];
     mh->min_slots = nslots;
-    mh->max_slots = param[3] ? sg__slots_for(param[3]) : 0;
+    mh->max_capacity = param[3];
+    mh->max_slots = param[3] ? sg__slots_for(param[3] + param[3] / 2 + 64) : 0;
     mh->table = toff;
     hb->meta = SG_META(SG_META_CLASS(hb->meta), SG_BLK_OBJECT, sizeof *mh);
     /* published by the dirent-ready release in sg__dir_open */
@@ -1260,7 +1294,7 @@ int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *ma
     *capacity = m->hdr->capacity;
     *max_key = m->max_key;
     *max_value = m->max_value;
-    *max_capacity = m->hdr->max_slots ? sg__slot_limit(m->hdr->max_slots) : 0;
+    *max_capacity = m->hdr->max_capacity;
     return SG_OK;
 }
 
@@ -1271,9 +1305,11 @@ static int sg__validate_table(sg_map *m, const sg__tab *t, sg_map_report *out)
     sg_grid *g = m->g;
     for (uint64_t i = 0; i <= t->mask; i++) {
         sg_slot *s = &t->slots[i];
-        uint64_t h = sg_load_acquire(&s->head);
+        /* ref before head: an inserter binds the head before it writes the
+         * ref, so a ref seen set means its head is seen bound */
+        uint64_t r0 = sg_load_acquire(&s->ref), h = sg_load_acquire(&s->head);
         if (h == 0 || h == SG_HEAD_MOVED) {
-            if (sg_load_relaxed(&s->ref) != 0)
+            if (r0 != 0)
                 return sg__fail(SG_ECORRUPT, "slot %llu has a value but no key", (unsigned long long)i);
             continue;
         }
@@ -1305,9 +1341,13 @@ static int sg__validate_table(sg_map *m, const sg__tab *t, sg_map_report *out)
         int rc = sg__read(m, s, &c, NULL, 0, NULL, 0);
         if (rc)
             return rc;
-        if (c.ref & (SG_REF_FROZEN | SG_REF_DONE))
+        if (c.ref & (SG_REF_FROZEN | SG_REF_DONE)) {
+            if (sg_load_acquire(&t->h->next))
+                return sg__fail(SG_EBUSY, "validate: a migration began during the walk (other processes are "
+                                          "writing); validate while the map is idle");
             return sg__fail(SG_ECORRUPT, "slot %llu is frozen, yet its table has no migration",
                             (unsigned long long)i);
+        }
         if (c.ref) {
             out->block_bytes += sg__class_size(SG_META_CLASS(sg__block(g, SG_REF_OFF(c.ref))->meta));
             if (c.version == 0)
@@ -1353,10 +1393,18 @@ int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
     if (!rc && out->used < out->bound)
         rc = sg__fail(SG_ECORRUPT, "%llu slots are bound but only %llu were reserved",
                       (unsigned long long)out->bound, (unsigned long long)out->used);
+    uint64_t claim = sg_load_acquire(&m->hdr->reclaimer);
+    int claimed = 0;
+    if (!rc && claim && claim != m->g->self && sg__word_alive(claim))
+        rc = sg__fail(SG_EBUSY, "validate: another process is freeing old tables; validate while the map is idle");
+    else if (!rc)
+        claimed = sg_cas_acq_rel(&m->hdr->reclaimer, &claim, m->g->self);
+    if (!rc && !claimed)
+        rc = sg__fail(SG_EBUSY, "validate: another process is freeing old tables; validate while the map is idle");
     if (!rc) {
-        /* tables waiting for readers to move on */
+        /* tables waiting for readers to move on (no one frees them while we hold the claim) */
         uint64_t r = sg_load_acquire(&m->hdr->retired);
-        for (uint64_t k = 0; r && k < 1024; k++) {
+        for (uint64_t k = 0; r && k < (1u << 20); k++) {
             sg__tab rt;
             if ((rc = sg__tab_at(m, r, &rt)))
                 break;
@@ -1371,6 +1419,10 @@ int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
             }
             r = sg_load_relaxed(&rt.h->retired_next);
         }
+    }
+    if (claimed) {
+        uint64_t mine = m->g->self;
+        sg_cas_acq_rel(&m->hdr->reclaimer, &mine, 0);
     }
     if (!rc && repair) {
         /* Only meaningful while no other process writes this map. */

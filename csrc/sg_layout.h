@@ -260,8 +260,9 @@ typedef struct sg_map_hdr {
     uint32_t max_key;    /* bytes */
     uint32_t max_value;  /* bytes */
     uint64_t min_slots;  /* slots of the first table; migrations never go below */
-    uint64_t max_slots;  /* 0, or the most slots growth may reach (max_capacity) */
-    uint8_t _pad0[SG_CACHE_LINE - 32];
+    uint64_t max_slots;  /* 0, or the most slots growth may reach (room for max_capacity) */
+    uint64_t max_capacity; /* 0, or the live keys past which a migration refuses to grow */
+    uint8_t _pad0[SG_CACHE_LINE - 40];
     /* line 1: tables. `table` is the oldest table still in use: the current
      * one, or the one being migrated from (its `next` is then set). Written
      * by the creator, then by the process that completes a migration (CAS,

@@ -351,8 +351,9 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     # ---- maintenance ------------------------------------------------------------
 
     def compact(self) -> None:
-        """Migrate now to a table sized for the keys present, dropping the
-        slots of deleted keys, and return when the migration is complete.
+        """Migrate now to a clean table, dropping the slots of deleted keys
+        (the table keeps its size, or grows if the keys present need it),
+        and return when the migration is complete.
         Other processes keep reading and writing meanwhile. Not needed for
         correctness: inserts migrate the table by themselves when it fills."""
         rc = lib.sg_map_compact(self._h)

@@ -506,3 +506,36 @@ def test_full_dev_shm_is_an_error_not_sigbus():
     r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert "/dev/shm has no memory left" in r.stdout, r.stdout
+
+
+def _child_after_fork_with_iterator(m, it, q):
+    try:
+        try:
+            next(it)
+            q.put("iterated")
+        except InvalidArgument as e:
+            q.put("refused: " + str(e))
+        del it
+        m.put("child", b"c")  # the child's own slot still works after dropping the iterator
+        q.put(m.get("child"))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        q.put(repr(e))
+
+
+@pytest.mark.timeout(60)
+def test_fork_with_an_open_iterator(grid):
+    """A forked child holds no pin: it must not use or release the parent's."""
+    m = grid.map("m", capacity=64)
+    for i in range(20):
+        m[b"k%d" % i] = b"v"
+    it = iter(m)
+    next(it)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_after_fork_with_iterator, args=(m, it, q))
+    p.start()
+    first, second = q.get(timeout=30), q.get(timeout=30)
+    p.join(30)
+    assert first.startswith("refused: iterator was opened in the parent"), first
+    assert second == b"c", second
+    assert len(list(it)) == 19  # the parent's walk goes on

@@ -138,6 +138,45 @@ static void test_churn(sg_grid *g)
     sg_map_free(m);
 }
 
+/* Writers killed between their CAS and their count leave len() low. A
+ * migration must still size its table from what is really there: the
+ * copies must fit (else every later write fails), and a table full of
+ * values must grow, not migrate to its own size again and again. */
+static void test_live_counter_drift(sg_grid *g)
+{
+    sg_map *m;
+    char k[32];
+    uint64_t v;
+    sg_map_report rep;
+    CHECK(sg_map_open(g, "drift", 8, 0, 0, 0, &m) == SG_OK);
+    for (int i = 0; i < 1140; i++) {
+        int n = snprintf(k, sizeof k, "key%d", i);
+        CHECK(sg_map_put(m, k, (size_t)n, "v", 1, &v) == SG_OK);
+    }
+    sg_store_relaxed(&m->hdr->live, 1000); /* as if 140 writers died before counting */
+    for (int i = 0; i < 1000; i++) {
+        int n = snprintf(k, sizeof k, "key%d", i);
+        CHECK(sg_map_delete(m, k, (size_t)n, NULL, 0, NULL, &v) == SG_OK);
+    }
+    CHECK(sg_map_len(m) == 0);
+    CHECK(sg_map_compact(m) == SG_OK); /* exact count: 140 keys, not 0 */
+    CHECK(sg_map_put(m, "after", 5, "v", 1, &v) == SG_OK);
+    for (int i = 1000; i < 1140; i++) {
+        int n = snprintf(k, sizeof k, "key%d", i);
+        CHECK(sg_map_get(m, k, (size_t)n, NULL, 0, NULL) == 1);
+    }
+    CHECK(sg_map_validate(m, 1, &rep) == SG_OK && rep.live == 141);
+    /* now a full table whose counter says empty: inserts must grow it */
+    uint64_t gen0 = rep.generation;
+    sg_store_relaxed(&m->hdr->live, 0);
+    for (int i = 0; i < 2000; i++) {
+        int n = snprintf(k, sizeof k, "more%d", i);
+        CHECK(sg_map_put(m, k, (size_t)n, "v", 1, &v) == SG_OK);
+    }
+    CHECK(sg_map_validate(m, 1, &rep) == SG_OK && rep.live == 2141 && rep.generation - gen0 < 12);
+    sg_map_free(m);
+}
+
 static void test_full(sg_grid *g)
 {
     sg_map *m;
@@ -151,6 +190,7 @@ static void test_full(sg_grid *g)
     }
     CHECK(rc == SG_EFULL);
     CHECK(n - 1 >= 40); /* at least max_capacity keys fit */
+    CHECK(strstr(sg_errmsg(), "max_capacity is 40") != NULL);
     sg_map_report rep;
     CHECK(sg_map_validate(m, 0, &rep) == SG_OK && rep.live == (uint64_t)(n - 1));
     sg_map_free(m);
@@ -219,9 +259,10 @@ int main(int argc, char **argv)
     test_map_basic(g);
     test_full(g);
     test_churn(g);
+    test_live_counter_drift(g);
     test_multiprocess_incr(g, name);
     sg_grid_info info;
-    CHECK(sg_grid_info_get(g, &info) == SG_OK && info.objects == 4 && info.procs_live >= 1);
+    CHECK(sg_grid_info_get(g, &info) == SG_OK && info.objects == 5 && info.procs_live >= 1);
     sg_grid_close(g);
     sg_map *m;
     CHECK(sg_map_open(g, "basic", 0, 0, 0, 0, &m) == SG_ECLOSED);
