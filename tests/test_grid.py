@@ -538,4 +538,5 @@ def test_fork_with_an_open_iterator(grid):
     p.join(30)
     assert first.startswith("refused: iterator was opened in the parent"), first
     assert second == b"c", second
-    assert len(list(it)) == 19  # the parent's walk goes on
+    rest = set(list(it)) - {b"child"}  # the walk goes on; it may or may not see the child's new key
+    assert len(rest) == 19 and all(k.startswith(b"k") for k in rest)
