@@ -545,15 +545,17 @@ static int sg__help(sg_map *m, const sg__tab *t, const sg__tab *n)
     return SG_OK;
 }
 
+#define SG_LIVE_SAMPLE 512u /* slots sampled: +-4%, well inside the 1.5x sizing margin; two misses each */
+
 /* How many keys the copy of t may bring. The live counter alone will not
  * do: it is off by one per writer killed between its CAS and its count,
- * and a table sized from an undercount could not hold its copies. So: the
- * larger of the counter and a count of present keys in 4096 slots spread
- * over t (all slots if `exact`). Values are read without the re-check: an
- * estimate, not a snapshot. */
+ * and a table sized from an undercount could hold its copies only just.
+ * So: the larger of the counter and a count of present keys in
+ * SG_LIVE_SAMPLE slots spread over t (all slots if `exact`). Values are read
+ * without the re-check: an estimate, not a snapshot. */
 static uint64_t sg__estimate_live(sg_map *m, const sg__tab *t, int exact)
 {
-    uint64_t n = t->mask + 1, step = exact || n <= 4096 ? 1 : n / 4096, present = 0, looked = 0;
+    uint64_t n = t->mask + 1, step = exact || n <= SG_LIVE_SAMPLE ? 1 : n / SG_LIVE_SAMPLE, present = 0, looked = 0;
     uint64_t first = (t->h->generation * 0x9e3779b97f4a7c15ull) % step; /* a different sample each table */
     for (uint64_t i = first; i < n; i += step, looked++) {
         uint64_t h = sg_load_acquire(&t->slots[i].head), r = sg_load_acquire(&t->slots[i].ref);

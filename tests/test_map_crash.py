@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import random
 import signal
 import struct
@@ -24,11 +23,11 @@ import time
 import zlib
 
 import pytest
+from spawned import run_spawned
 
 import shmgrid
 
 FORK = mp.get_context("fork")
-SPAWN = mp.get_context("spawn")
 NWORKERS = 4
 NSHARED = 24  # s-keys: checksummed values of varied sizes, put/delete/pop by everyone
 NINT = 8  # i-keys: int64, incr/delete by everyone
@@ -368,24 +367,7 @@ def test_sigkill_mixed_writers(grid, grid_name):
     assert total_ops > 0 and sum(sh.ack_c) > 0, "the workers never got to work before being killed"
 
     # a process that never saw any of this attaches by name and works
-    q = SPAWN.Queue()
-    p = SPAWN.Process(target=_attach_and_use, args=(grid_name, list(sh.ack_c), q), daemon=True)
-    p.start()
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                seen, n, ok = q.get(timeout=0.5)
-                break
-            except queue.Empty:
-                assert p.exitcode is None, f"the spawned process died with exit code {p.exitcode} (traceback above)"
-                assert time.monotonic() < deadline, "the spawned process is stuck"
-        p.join(30)
-    finally:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
-            p.join(5)
-    assert p.exitcode == 0
+    seen, n, ok = run_spawned(_attach_and_use, grid_name, list(sh.ack_c))
     assert seen == list(sh.ack_c) and n == sh.ack_c[0] + 1 and ok
 
     # drift stays within the kills; repair makes the counters exact

@@ -35,12 +35,12 @@ import traceback
 import zlib
 
 import pytest
+from spawned import run_spawned
 from linearizability import CAS, DELETE, GET, INITIAL, PUT, Op, check, step
 
 import shmgrid
 
 FORK = mp.get_context("fork")
-SPAWN = mp.get_context("spawn")
 MiB = 1024 * 1024
 
 
@@ -589,26 +589,7 @@ def test_sigkill_during_migrations(grid_name):
         assert h["retired_bytes"] <= max(1 * MiB, 8 * m.validate()["table_bytes"]), h
 
         # a process that never saw any of this attaches by name and works
-        q = SPAWN.Queue()
-        p = SPAWN.Process(target=_attach_and_use, args=(grid_name, list(sh.ack_c), q), daemon=True)
-        p.start()
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    seen, n, ok = q.get(timeout=0.5)
-                    break
-                except queue.Empty:
-                    assert p.exitcode is None, f"the spawned process died with exit code {p.exitcode}"
-                    assert time.monotonic() < deadline, "the spawned process is stuck"
-            p.join(30)
-        finally:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
-            p.join(5)
-            q.close()
-            q.join_thread()
-        assert p.exitcode == 0
+        seen, n, ok = run_spawned(_attach_and_use, grid_name, list(sh.ack_c))
         assert seen == list(sh.ack_c) and n == sh.ack_c[0] + 1 and ok
         m.validate()
         g.validate()
