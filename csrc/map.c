@@ -564,7 +564,7 @@ static uint64_t sg__estimate_live(sg_map *m, const sg__tab *t, int exact)
             (b = sg__block(m->g, SG_REF_OFF(r))) && SG_META_KIND(sg_load_relaxed(&b->meta)) == SG_BLK_VALUE)
             present++;
     }
-    uint64_t est = looked ? present * (n / looked) + present * (n % looked) / looked : 0;
+    uint64_t est = looked ? present * n / looked : 0; /* present <= 512, n <= 2^36: no overflow */
     int64_t counted = (int64_t)sg_load_relaxed(&m->hdr->live);
     return exact || counted < 0 || (uint64_t)counted < est ? est : (uint64_t)counted;
 }

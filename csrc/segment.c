@@ -526,8 +526,6 @@ void sg_grid_free(sg_grid *g)
     sg__grid_unref(g);
 }
 
-int sg_grid_is_closed(sg_grid *g) { return !g || !g->base; }
-
 int sg_grid_unlink(const char *name)
 {
     char path[SG_GRID_NAME_MAX_LEN + 2];

@@ -69,14 +69,11 @@ static inline bool sg_cas_seq_cst(uint64_t *p, uint64_t *expected, uint64_t desi
 static inline uint64_t sg_fetch_add_seq_cst(uint64_t *p, uint64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t sg_fetch_sub_release(uint64_t *p, uint64_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELEASE); }
 static inline uint64_t sg_fetch_or_acq_rel(uint64_t *p, uint64_t v) { return __atomic_fetch_or(p, v, __ATOMIC_ACQ_REL); }
-static inline uint64_t sg_exchange_acq_rel(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
 
 /* ---- 32-bit words ------------------------------------------------------ */
 
 static inline uint32_t sg_load32_acquire(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline uint32_t sg_load32_relaxed(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void sg_store32_release(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static inline void sg_store32_relaxed(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 /* ---- process-local reference counts ------------------------------------ */
 

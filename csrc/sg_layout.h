@@ -38,7 +38,6 @@
 #define SG_MIN_BLOCK 32u
 #define SG_NAME_MAX ((unsigned)SG_NAME_MAX_LEN) /* object names: 1 .. 64 bytes of [A-Za-z0-9._-] */
 
-#define SG_HEADER_OFF 0x0000u
 #define SG_DIR_OFF ((unsigned)SG_DIR_OFFSET)   /* 0x2000 */
 #define SG_PROC_OFF ((unsigned)SG_PROC_OFFSET) /* 0xA000 */
 #define SG_HEAP_OFF ((unsigned)SG_HEAP_OFFSET) /* 0xE000 */

@@ -134,7 +134,6 @@ void sg_grid_close(sg_grid *g);
 void sg_grid_free(sg_grid *g);
 int sg_grid_unlink(const char *name);
 int sg_grid_after_fork(sg_grid *g);
-int sg_grid_is_closed(sg_grid *g);
 int sg_grid_info_get(sg_grid *g, sg_grid_info *out);
 int sg_grid_object(sg_grid *g, uint32_t index, sg_object_info *out);
 int sg_grid_proc(sg_grid *g, uint32_t index, sg_proc_info *out);

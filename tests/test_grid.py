@@ -385,7 +385,7 @@ def _attach_as_nobody(name, q):
         with Grid.attach(name) as g:
             q.put(("ok", g.map("m").get("k")))
     except PermissionDenied as e:
-        q.put(("denied", str(e)))
+        q.put(("denied", str(e), isinstance(e, PermissionError)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         q.put(("error", repr(e)))
 
@@ -403,7 +403,7 @@ def test_mode_protects_segment(grid_name, mode, expect):
         p.join(30)
     assert outcome[0] == expect, outcome
     if expect == "denied":
-        assert grid_name in outcome[1] and isinstance(PermissionDenied("x"), PermissionError)
+        assert grid_name in outcome[1] and outcome[2]  # named, and catchable as PermissionError
     else:
         assert outcome[1] == b"v"
 
