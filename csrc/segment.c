@@ -117,6 +117,11 @@ uint32_t sg_layout_signature(void)
         sg__class_size(0), sg__class_size(7), sg__class_size(SG_NCLASSES - 1), SG_TAGGED(1, 16),
         SG_META(1, 2, 3), SG_DIRENT_CREATING(1), SG_DIRENT_READY, SG_HEAD(~0ull, 16), SG_HEAD_MOVED,
         SG_REF(1, 16), SG_REF_FROZEN, SG_REF_DONE,
+        offsetof(sg_proc, claim_obj), offsetof(sg_proc, claim_hi), offsetof(sg_proc, waiting),
+        sizeof(sg_ring_hdr), offsetof(sg_ring_hdr, head), offsetof(sg_ring_hdr, not_full), sizeof(sg_cell),
+        sizeof(sg_topic_hdr), offsetof(sg_topic_hdr, joins), offsetof(sg_topic_hdr, advanced), sizeof(sg_sub_rec),
+        sizeof(sg_counter_hdr), sizeof(sg_lock_hdr), offsetof(sg_lock_hdr, owner_deaths),
+        SG_RING_SKIP(1), SG_TOPIC_SKIP(1), SG_CLAIM(16, SG_CLAIM_PUBLISH), SG_EVENT_WAITERS,
     };
     uint64_t h = sg_hash64((const char *)v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));
@@ -179,15 +184,17 @@ static uint64_t sg__word(uint32_t pid, uint64_t start)
     return ((start & SG_PW_START_MASK) << SG_PW_PID_BITS) | (pid & SG_PW_PID_MASK);
 }
 
-uint64_t sg__self_word(void)
+uint64_t sg__task_word(uint32_t tid)
 {
     uint64_t start = 0;
     char state;
-    pid_t pid = getpid();
-    if (sg__proc_stat((uint32_t)pid, &start, &state) != 0)
+    /* /proc/<tid>/stat exists for every thread, listed or not */
+    if (sg__proc_stat(tid, &start, &state) != 0)
         start = 0; /* no /proc: liveness falls back to kill(pid, 0) */
-    return sg__word((uint32_t)pid, start);
+    return sg__word(tid, start);
 }
+
+uint64_t sg__self_word(void) { return sg__task_word((uint32_t)getpid()); }
 
 int sg_pid_alive(uint32_t pid, uint64_t start_ticks)
 {
@@ -277,6 +284,9 @@ static int sg__claim_slot(sg_grid *g)
                 /* A dead owner may have died inside a map operation: its
                  * announcement must not pin the epoch for us. */
                 sg_store_release(&procs[i].epoch, 0);
+                /* ... nor its claim record hide a dead claim behind a live owner */
+                sg_store_release(&procs[i].claim_obj, 0);
+                sg_store_relaxed(&procs[i].waiting, 0);
                 sg_store_relaxed(&procs[i].attached_ns, sg__now_ns());
                 g->slot = i;
                 return SG_OK;
@@ -500,7 +510,7 @@ int sg_grid_after_fork(sg_grid *g)
     return sg__claim_slot(g);
 }
 
-static void sg__grid_unref(sg_grid *g)
+void sg__grid_unref(sg_grid *g)
 {
     if (sg_ref_dec(&g->refs) == 0)
         free(g);
@@ -624,6 +634,14 @@ static const char *sg__kind_name(uint32_t kind)
     switch (kind) {
     case SG_OBJ_MAP:
         return "map";
+    case SG_OBJ_RING:
+        return "ring";
+    case SG_OBJ_TOPIC:
+        return "topic";
+    case SG_OBJ_COUNTER:
+        return "counter";
+    case SG_OBJ_LOCK:
+        return "lock";
     default:
         return "object of an unknown kind";
     }

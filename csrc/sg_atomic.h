@@ -21,6 +21,11 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 
 #if !defined(__GNUC__)
 #error "shmgrid needs GCC or Clang __atomic builtins"
@@ -62,6 +67,7 @@ static inline uint64_t sg_fetch_sub_relaxed(uint64_t *p, uint64_t v) { return __
  * "announce epoch, then load table" against "swap table, then bump epoch,
  * then scan announcements". */
 static inline uint64_t sg_load_seq_cst(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void sg_store_seq_cst(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline bool sg_cas_seq_cst(uint64_t *p, uint64_t *expected, uint64_t desired)
 {
     return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
@@ -73,7 +79,14 @@ static inline uint64_t sg_fetch_or_acq_rel(uint64_t *p, uint64_t v) { return __a
 /* ---- 32-bit words ------------------------------------------------------ */
 
 static inline uint32_t sg_load32_acquire(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint32_t sg_load32_relaxed(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void sg_store32_release(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void sg_store32_relaxed(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline uint32_t sg_fetch_or32_seq_cst(uint32_t *p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline bool sg_cas32_relaxed(uint32_t *p, uint32_t *expected, uint32_t desired)
+{
+    return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
 
 /* ---- process-local reference counts ------------------------------------ */
 
@@ -91,6 +104,9 @@ static inline void sg_countdown_set(int *p, int v) { __atomic_store_n(p, v, __AT
 
 static inline void sg_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void sg_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+/* Store-load ordering: only where a Dekker-style handshake needs it
+ * (SYNC POINT: event, SYNC POINT: topic-join). */
+static inline void sg_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 static inline void sg_cpu_relax(void)
 {
@@ -170,6 +186,35 @@ static inline int sg_compare_shared(const uint64_t *shared, const void *priv, si
         return memcmp(&w, p + 8 * words, n % 8) != 0;
     }
     return 0;
+}
+
+/* ---- futex: sleeping on a 32-bit word of shared memory -------------------
+ *
+ * Not FUTEX_PRIVATE: the word is shared between processes, so the kernel
+ * keys the wait on the page, not on this process's address space.
+ */
+
+/* Sleep while *word == expected, at most timeout_ns (< 0: no limit).
+ * Returns 0 when woken or when *word had changed already, ETIMEDOUT, or
+ * EINTR when a signal arrived (the caller returns to Python so that a
+ * KeyboardInterrupt can be raised). */
+static inline int sg_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns)
+{
+    struct timespec ts, *tp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000);
+        tp = &ts;
+    }
+    if (syscall(SYS_futex, word, FUTEX_WAIT, expected, tp, NULL, 0) == 0)
+        return 0;
+    return errno == EAGAIN ? 0 : errno;
+}
+
+/* Wake every sleeper on word. */
+static inline void sg_futex_wake_all(uint32_t *word)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
 }
 
 #endif /* SG_ATOMIC_H */

@@ -32,6 +32,15 @@ struct sg_map {
 /* ---- errors: a per-thread message naming the cause ---- */
 int sg__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+#define SG_CHECK_GRID(g)                                                                                     \
+    do {                                                                                                     \
+        if (!(g)->base)                                                                                      \
+            return sg__fail(SG_ECLOSED, "grid is closed");                                                   \
+    } while (0)
+
+/* Drop an object handle's reference on its grid handle (freed with the last). */
+void sg__grid_unref(sg_grid *g);
+
 static inline sg_header *sg__hdr(const sg_grid *g) { return (sg_header *)g->base; }
 
 /* Bytes of a block of size class c: 32, 48, then 64 << d times 4/4, 5/4,
@@ -75,6 +84,7 @@ uint64_t sg__block_bytes(uint64_t payload);
 
 /* ---- processes (segment.c) ---- */
 uint64_t sg__self_word(void);
+uint64_t sg__task_word(uint32_t tid); /* the word of any thread or process id */
 int sg__word_alive(uint64_t word);
 
 /* ---- directory (segment.c) ---- */
@@ -82,5 +92,76 @@ typedef int (*sg__create_fn)(sg_grid *g, const uint64_t param[4], uint64_t *obj,
 int sg__dir_open(sg_grid *g, const char *name, uint32_t kind, const uint64_t param[4],
                  sg__create_fn create, void *ctx, sg_dirent **out);
 int sg__check_name(const char *name, size_t max, const char *what);
+
+/* ---- messaging helpers (wait.c) ---- */
+/* Internal "would block" results of the try-steps, never returned to callers. */
+#define SG__EMPTY (-100) /* nothing to take / no room */
+#define SG__STUCK (-101) /* blocked behind a claimed, unfinished cell */
+
+#define SG_SPIN_MIN 16u
+#define SG_SPIN_MAX 4096u
+
+static inline uint64_t sg__obj_off(const sg_grid *g, const void *p) { return (uint64_t)((const uint8_t *)p - g->base); }
+
+/* Monotonic deadlines: sg__deadline(<0) never passes. */
+uint64_t sg__mono_ns(void);
+uint64_t sg__deadline(int64_t timeout_ns);
+
+/* Claim records (SYNC POINT: claim-record, claim-clear; see sg_proc).
+ * sg__claim_begin takes the process-private claim mutex and checks the
+ * handle has a process slot; sg__claim_end clears the record and drops the
+ * mutex. Between them: sg__claim_set before each claiming CAS. */
+int sg__claim_begin(sg_grid *g);
+void sg__claim_set(sg_grid *g, uint64_t claim, uint64_t lo, uint64_t hi);
+void sg__claim_end(sg_grid *g);
+/* 1 if a live process holds a claim `claim` covering position q. */
+int sg__claim_live(sg_grid *g, uint64_t claim, uint64_t q);
+
+/* Events (see sg_layout.h). prepare: announce a sleeper and return the value
+ * to sleep on; the caller re-checks its condition before sleeping. */
+uint32_t sg__event_prepare(uint32_t *ev);
+void sg__event_signal(uint32_t *ev);
+/* Sleep on ev (expected value v) until woken, the deadline, or slice_ns.
+ * SG_OK: woken or the slice ended (re-check); SG_EAGAIN: deadline passed;
+ * SG_EINTR: a signal. Records the sleep in the process table for stat. */
+int sg__event_sleep(sg_grid *g, uint64_t obj, uint32_t *ev, uint32_t v, uint64_t deadline, int64_t slice_ns);
+/* Live processes with a thread asleep on obj. */
+uint32_t sg__waiters(sg_grid *g, uint64_t obj);
+/* Adapt a spin budget: grow when spinning found the condition, shrink when
+ * the waiter had to sleep. */
+static inline void sg__spin_adapt(uint32_t *spin, int found)
+{
+    uint32_t s = sg_load32_relaxed(spin); /* a hint shared by the handle's threads */
+    s = found ? (s < SG_SPIN_MAX ? s * 2 : s) : (s > SG_SPIN_MIN ? s / 2 : s);
+    sg_store32_relaxed(spin, s);
+}
+
+/* Objects: allocate a zeroed OBJECT block; find and check one. */
+int sg__object_alloc(sg_grid *g, uint64_t bytes, void **payload, uint64_t *obj);
+void *sg__object_payload(sg_grid *g, const sg_dirent *e, uint64_t need);
+int sg__object_check(sg_dirent *e, const char *kind, const char *name, const char *const field[],
+                     const uint64_t asked[], int n);
+
+/* The wait loop shared by rings and topics: try a step; if it would block,
+ * spin on `ready` (adaptive budget), then sleep on `event`, and try again.
+ * A step returns a result >= 0 or an error (returned as is), or SG__EMPTY /
+ * SG__STUCK to wait. After a spin, a step that was SG__STUCK is retried
+ * with recover = 1: it then checks whether the claimant it is stuck behind
+ * is dead, and recovers the cell if so. Sleeps last at most 100 ms (2 ms
+ * while stuck), so that the caller sees signals and dead claimants. */
+typedef struct sg__waiter {
+    sg_grid *g;
+    uint64_t obj;
+    uint32_t *event;
+    uint32_t *spin;
+    int64_t (*step)(void *ctx, int recover);
+    int (*ready)(void *ctx);
+    void *ctx;
+    const char *what; /* the would-block message: "ring is empty" */
+} sg__waiter;
+int64_t sg__wait(const sg__waiter *w, int64_t timeout_ns);
+
+/* This thread's word (thread id | thread start time), cached per thread. */
+uint64_t sg__thread_word(void);
 
 #endif /* SG_INTERNAL_H */

@@ -30,7 +30,7 @@
 #define SG_CACHE_LINE 64u
 
 #define SG_MAGIC ((uint64_t)SG_SEGMENT_MAGIC) /* the bytes "SHMGRID\0" read as a little-endian u64 */
-#define SG_FORMAT_VERSION 2u
+#define SG_FORMAT_VERSION 3u
 
 #define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
 #define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
@@ -178,12 +178,33 @@ typedef struct sg_proc {
                               process saw when it entered, bits 0-15 how many of its
                               threads are inside a map operation (0 = none, epoch stale).
                               The owner CASes it; reclaimers read it. Reset on claim. */
-    uint64_t _reserved[5]; /* reserved: ring claims and waits */
+    /* The claim record: the positions of a ring or topic this process has
+     * claimed (by CAS on the structure's tail or head) and not yet
+     * finished. Written by the owner before the claiming CAS, whose release
+     * publishes it (SYNC POINT: claim-record); cleared with release after
+     * the claimed cells are published (SYNC POINT: claim-clear). Read by a
+     * process stuck behind a claimed cell: if no live process holds a claim
+     * covering it, the claimant died and the cell may be skipped. One
+     * record per process: the threads of a process take turns (a
+     * process-private mutex held from claim to publish, never while
+     * waiting). Reset on claim of the slot. */
+    uint64_t claim_obj;    /* 0 = none; else object offset | SG_CLAIM_* role in bits 0-3 */
+    uint64_t claim_lo;     /* first claimed position */
+    uint64_t claim_hi;     /* one past the last claimed position */
+    uint64_t waiting;      /* object offset a thread of this process sleeps on, or 0; the
+                              owner writes, `shmgrid stat` counts waiters with it */
+    uint64_t _reserved;
 } sg_proc;
+
+/* claim roles, in the low bits of sg_proc.claim_obj (objects are 16-aligned) */
+enum { SG_CLAIM_PUT = 1, SG_CLAIM_GET = 2, SG_CLAIM_PUBLISH = 3 };
+#define SG_CLAIM(obj, role) ((uint64_t)(obj) | (uint64_t)(role))
 
 _Static_assert(offsetof(sg_proc, owner) == 0, "layout");
 _Static_assert(offsetof(sg_proc, attached_ns) == 8, "layout");
 _Static_assert(offsetof(sg_proc, epoch) == 16, "layout");
+_Static_assert(offsetof(sg_proc, claim_obj) == 24, "layout");
+_Static_assert(offsetof(sg_proc, waiting) == 48, "layout");
 _Static_assert(sizeof(sg_proc) == SG_CACHE_LINE, "one slot per line: owners write their own slot");
 _Static_assert(SG_PROC_OFF + SG_PROC_SLOTS * sizeof(sg_proc) == SG_HEAP_OFF, "process table ends where the heap starts");
 
@@ -369,6 +390,199 @@ _Static_assert(sizeof(sg_slot) == 16, "four slots per cache line");
 #define SG_REF_OFF(r) (((r) & SG_OFF_MASK) << 4)
 
 /* object kinds, stored in sg_dirent.kind */
-enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1 };
+enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1, SG_OBJ_RING = 2, SG_OBJ_TOPIC = 3, SG_OBJ_COUNTER = 4, SG_OBJ_LOCK = 5 };
+
+/* ------------------------------------------------------------------------
+ * Events: a 32-bit futex word that sleepers wait on and wakers bump.
+ *
+ *    31                                                    1    0
+ *   +-------------------------------------------------------+------+
+ *   |  wake count                                            |  W   |
+ *   +-------------------------------------------------------+------+
+ *
+ * W = somebody may sleep. A sleeper sets W (seq_cst RMW), re-checks its
+ * condition, then futex-waits on the value it set. A waker makes its change
+ * visible, issues a seq_cst fence, and only if it then sees W does it clear
+ * W while bumping the count (one CAS) and futex-wake everyone (SYNC POINT:
+ * event). Either the sleeper's re-check sees the change, or the waker sees
+ * W: no lost wake-up. A sleeper killed while W is set costs one spurious
+ * wake-up, after which W is clear again.
+ * ------------------------------------------------------------------------ */
+#define SG_EVENT_WAITERS 1u
+
+/* ------------------------------------------------------------------------
+ * Ring: a bounded MPMC queue (Vyukov's array of cells with per-cell
+ * sequence numbers), one heap block (kind OBJECT): sg_ring_hdr, then
+ * `slots` cells of `stride` bytes.
+ *
+ *   cell:  0              8              16
+ *          +--------------+--------------+------------------------------+
+ *          | seq          | len          | data (slot_size, whole words) |
+ *          +--------------+--------------+------------------------------+
+ *
+ * Positions count puts from 0 and never wrap (2^62 of them); position q
+ * lives in cell q % slots. The cell's seq says whose turn it is:
+ *
+ *   FREE(q) = 4q      the producer of position q may write it
+ *   FULL(q) = 4q + 1  it holds message q for the consumer of position q
+ *   SKIP(q) = 4q + 2  position q was claimed by a producer that died before
+ *                     writing it: the consumer of q takes no message from it
+ *
+ * A producer claims q by CAS tail q -> q+1 only after seeing FREE(q), writes
+ * data and len, then stores FULL(q) with release (SYNC POINT: ring-full). A
+ * consumer claims q by CAS head q -> q+1 only after seeing FULL(q) or
+ * SKIP(q) (acquire), copies, then stores FREE(q + slots) with release
+ * (SYNC POINT: ring-free). Batches claim a run of such cells with one CAS.
+ *
+ * Recovery, with the claim records of the process table: a consumer stuck
+ * at FREE(q) while tail > q finds no live claim covering q -> CAS FREE(q)
+ * -> SKIP(q), counts `skipped`. A producer stuck at FULL/SKIP(q - slots)
+ * while head > q - slots (a consumer claimed it) finds no live claim ->
+ * CAS -> FREE(q), counts `dropped` if it held a message.
+ * ------------------------------------------------------------------------ */
+#define SG_RING_FREE(q) ((uint64_t)(q) << 2)
+#define SG_RING_FULL(q) (((uint64_t)(q) << 2) | 1u)
+#define SG_RING_SKIP(q) (((uint64_t)(q) << 2) | 2u)
+#define SG_RING_MAX_POS (1ull << 61)
+
+typedef struct sg_ring_hdr {
+    /* line 0: parameters, written by the creator before the dirent is READY */
+    uint64_t slots;      /* cells */
+    uint32_t slot_size;  /* largest message, bytes */
+    uint32_t stride;     /* bytes per cell: 16 + slot_size rounded up to 16 */
+    uint8_t _pad0[SG_CACHE_LINE - 16];
+    /* line 1: next position a producer claims. Producers CAS; consumers read. */
+    uint64_t tail;
+    uint8_t _pad1[SG_CACHE_LINE - 8];
+    /* line 2: next position a consumer claims. Consumers CAS; producers read. */
+    uint64_t head;
+    uint8_t _pad2[SG_CACHE_LINE - 8];
+    /* line 3: events. Consumers sleep on not_empty, producers signal it;
+     * producers sleep on not_full, consumers signal it. Written only by
+     * sleepers and by wakers that found a sleeper. */
+    uint32_t not_empty;
+    uint32_t not_full;
+    uint8_t _pad3[SG_CACHE_LINE - 8];
+    /* line 4: recovery counts (fetch_add by whoever recovers; stat reads) */
+    uint64_t skipped;    /* positions a dead producer claimed and never wrote */
+    uint64_t dropped;    /* messages a dead consumer claimed and never finished copying */
+    uint8_t _pad4[SG_CACHE_LINE - 16];
+} sg_ring_hdr;
+
+typedef struct sg_cell {
+    uint64_t seq;        /* see above */
+    uint64_t len;        /* message bytes; the writer of the cell sets it before seq */
+    uint64_t data[];
+} sg_cell;
+
+_Static_assert(offsetof(sg_ring_hdr, tail) == SG_CACHE_LINE, "producers' line");
+_Static_assert(offsetof(sg_ring_hdr, head) == 2 * SG_CACHE_LINE, "consumers' line");
+_Static_assert(offsetof(sg_ring_hdr, not_empty) == 3 * SG_CACHE_LINE, "events' line");
+_Static_assert(offsetof(sg_ring_hdr, skipped) == 4 * SG_CACHE_LINE, "recovery line");
+_Static_assert(sizeof(sg_ring_hdr) == 5 * SG_CACHE_LINE, "cells start after five lines");
+_Static_assert(sizeof(sg_cell) == 16, "cell header is two words");
+
+/* ------------------------------------------------------------------------
+ * Topic: a broadcast ring. One heap block (kind OBJECT): sg_topic_hdr, then
+ * max_subs subscriber records of one line each, then `capacity` cells
+ * (sg_cell, `stride` bytes each). Position q lives in cell q % capacity:
+ *
+ *   0                  never written
+ *   WRITING(q) = 4q+1  a publisher is writing message q (payload in flux)
+ *   PUB(q)     = 4q+2  message q is complete (SYNC POINT: topic-publish)
+ *   SKIP(q)    = 4q+3  q was claimed by a publisher that died before PUB
+ *
+ * A publisher claims q by CAS on tail, writes WRITING(q), the payload, then
+ * PUB(q): a seqlock per cell. A subscriber at cursor c copies cell c while
+ * it reads PUB(c) before and after the copy (relaxed word copies, as for
+ * map blocks: SYNC POINT: block-reuse applies); a later lap's value there
+ * means it was lapped (lossy mode only).
+ *
+ * Lossless mode: a publisher may claim q only when every live subscriber's
+ * cursor is past q - capacity. `floor` is a lower bound of every cursor, of
+ * live subscribers now and of any that join later: a scan (seq_cst loads,
+ * SYNC POINT: topic-join) takes the lowest cursor of every record with an
+ * owner, or the tail it loaded before scanning if there is none. A
+ * subscriber joins by CASing a free record's owner, then loading tail as
+ * its cursor (both seq_cst): a scan that missed the record ran before the
+ * CAS, so the new cursor is at least the tail that scan saw; a scan that
+ * saw it read either the new cursor or the record's old one, which is lower.
+ * Cursors only grow, so a bound stays a bound and publishers check the
+ * cached floor first, scanning only when it would block.
+ * A dead subscriber blocking publishers is removed (owner CAS to 0).
+ * ------------------------------------------------------------------------ */
+#define SG_TOPIC_WRITING(q) (((uint64_t)(q) << 2) | 1u)
+#define SG_TOPIC_PUB(q) (((uint64_t)(q) << 2) | 2u)
+#define SG_TOPIC_SKIP(q) (((uint64_t)(q) << 2) | 3u)
+
+typedef struct sg_topic_hdr {
+    /* line 0: parameters, written by the creator before the dirent is READY */
+    uint64_t capacity;     /* cells */
+    uint32_t max_message;  /* bytes */
+    uint32_t stride;       /* bytes per cell */
+    uint32_t lossless;     /* 1: publishers wait for the slowest live subscriber */
+    uint32_t max_subs;     /* subscriber records */
+    uint8_t _pad0[SG_CACHE_LINE - 24];
+    /* line 1: claims. Publishers CAS tail; subscribers load it to join. */
+    uint64_t tail;         /* next position to publish */
+    uint64_t joins;        /* subscriptions ever made (stat); subscribers add */
+    uint8_t _pad1[SG_CACHE_LINE - 16];
+    /* line 2: a lower bound of live subscribers' cursors (lossless), a hint
+     * any publisher may store after a scan */
+    uint64_t floor;
+    uint8_t _pad2[SG_CACHE_LINE - 8];
+    /* line 3: events. Subscribers sleep on published; publishers (lossless)
+     * sleep on advanced. */
+    uint32_t published;
+    uint32_t advanced;
+    uint8_t _pad3[SG_CACHE_LINE - 8];
+    /* line 4: recovery counts */
+    uint64_t skipped;      /* positions a dead publisher claimed and never wrote */
+    uint64_t removed;      /* dead subscribers dropped by a blocked publisher */
+    uint8_t _pad4[SG_CACHE_LINE - 16];
+} sg_topic_hdr;
+
+typedef struct sg_sub_rec {
+    uint64_t owner;        /* process word of the subscriber; 0 = free. CASed by
+                              subscribers (join, close) and by publishers removing
+                              a dead one. */
+    uint64_t cursor;       /* next position the subscriber reads; only it writes
+                              (release, SYNC POINT: topic-cursor); publishers read */
+    uint8_t _pad[SG_CACHE_LINE - 16];
+} sg_sub_rec;
+
+_Static_assert(offsetof(sg_topic_hdr, tail) == SG_CACHE_LINE, "claims' line");
+_Static_assert(offsetof(sg_topic_hdr, floor) == 2 * SG_CACHE_LINE, "floor line");
+_Static_assert(offsetof(sg_topic_hdr, published) == 3 * SG_CACHE_LINE, "events' line");
+_Static_assert(offsetof(sg_topic_hdr, skipped) == 4 * SG_CACHE_LINE, "recovery line");
+_Static_assert(sizeof(sg_topic_hdr) == 5 * SG_CACHE_LINE, "records start after five lines");
+_Static_assert(sizeof(sg_sub_rec) == SG_CACHE_LINE, "one subscriber per line");
+
+/* ------------------------------------------------------------------------
+ * Counter: one int64 on its own line. Lock: a robust inter-process mutex.
+ * ------------------------------------------------------------------------ */
+typedef struct sg_counter_hdr {
+    uint64_t value;        /* int64 stored as two's complement; any process CASes */
+    uint8_t _pad[SG_CACHE_LINE - 8];
+} sg_counter_hdr;
+
+/* The lock's owner is a thread word: the process-word format with the
+ * thread id and the thread's start time, so that a thread that exited (or
+ * a process that died) holding the lock is recognised as dead and the lock
+ * handed to the next acquirer. */
+typedef struct sg_lock_hdr {
+    uint64_t owner;        /* thread word of the holder, 0 = free. CAS 0 -> me to
+                              acquire (SYNC POINT: lock), store 0 with release to
+                              release; CAS dead -> me to recover. */
+    uint32_t event;        /* sleepers wait here (see Events) */
+    uint32_t _pad0;
+    uint64_t acquisitions; /* successful acquires; the holder adds */
+    uint64_t owner_deaths; /* acquires that recovered the lock from a dead owner */
+    uint8_t _pad[SG_CACHE_LINE - 32];
+} sg_lock_hdr;
+
+_Static_assert(sizeof(sg_counter_hdr) == SG_CACHE_LINE, "layout");
+_Static_assert(offsetof(sg_lock_hdr, event) == 8, "layout");
+_Static_assert(sizeof(sg_lock_hdr) == SG_CACHE_LINE, "layout");
 
 #endif /* SG_LAYOUT_H */

@@ -45,6 +45,12 @@
 #define SG_EBUSY -18
 #define SG_ENAME -19
 #define SG_ENOKEY -20
+#define SG_EAGAIN -21
+#define SG_EINTR -22
+#define SG_ENOTOWNER -23
+#define SG_EDEADLK -24
+#define SG_ELAPPED -25
+#define SG_OWNERDIED 2
 
 #define SG_SEGMENT_MAGIC 0x00444952474d4853
 #define SG_DIR_SIZE 256
@@ -59,6 +65,17 @@
 #define SG_MAX_KEY_LIMIT 65536
 #define SG_MAX_VALUE_LIMIT 268435456
 #define SG_KIND_MAP 1
+#define SG_KIND_RING 2
+#define SG_KIND_TOPIC 3
+#define SG_KIND_COUNTER 4
+#define SG_KIND_LOCK 5
+#define SG_DEFAULT_RING_SLOTS 1024
+#define SG_DEFAULT_SLOT_SIZE 256
+#define SG_DEFAULT_TOPIC_CAPACITY 1024
+#define SG_DEFAULT_MAX_MESSAGE 256
+#define SG_DEFAULT_MAX_SUBSCRIBERS 64
+#define SG_MAX_SUBSCRIBERS_LIMIT 1024
+#define SG_MAX_MESSAGE_LIMIT 16777216
 #define SG_DEFAULT_GRID_SIZE 268435456
 #define SG_DEFAULT_CAPACITY 16384
 #define SG_DEFAULT_MAX_KEY 256
@@ -67,6 +84,11 @@
 typedef struct sg_grid sg_grid;
 typedef struct sg_map sg_map;
 typedef struct sg_iter sg_iter;
+typedef struct sg_ring sg_ring;
+typedef struct sg_topic sg_topic;
+typedef struct sg_sub sg_sub;
+typedef struct sg_counter sg_counter;
+typedef struct sg_lock sg_lock;
 
 typedef struct sg_grid_info {
     uint64_t size;         /* bytes of the segment */
@@ -199,6 +221,97 @@ int64_t sg_io_get(sg_io *io, const char *key, size_t klen);
 int64_t sg_io_put(sg_io *io, const char *key, size_t klen, const char *val, size_t vlen);
 /* Returns SG_OK with the new value in io->result, or a negative error. */
 int sg_io_incr(sg_io *io, const char *key, size_t klen, int64_t delta);
+/* ---- messaging ----------------------------------------------------------
+ *
+ * Blocking calls take timeout_ns: 0 = do not wait, < 0 = no limit. They
+ * return SG_EAGAIN when the time is up and SG_EINTR when a signal arrived
+ * while asleep (the Python layer waits in slices of at most 100 ms so that
+ * Ctrl-C is seen promptly either way).
+ */
+
+typedef struct sg_ring_info {
+    uint64_t slots;
+    uint64_t slot_size;
+    uint64_t head;          /* positions taken by consumers */
+    uint64_t tail;          /* positions claimed by producers */
+    uint64_t skipped;       /* positions skipped: their producer died after claiming */
+    uint64_t dropped;       /* messages lost: their consumer died while taking them */
+    uint32_t waiters;       /* live processes with a thread asleep on the ring */
+} sg_ring_info;
+
+/* slots: 0 = default; slot_size: 0 = default. On an existing ring, non-zero
+ * parameters must equal the ring's. */
+int sg_ring_open(sg_grid *g, const char *name, uint64_t slots, uint32_t slot_size, sg_ring **out);
+void sg_ring_free(sg_ring *r);
+int sg_ring_put(sg_ring *r, const char *data, size_t len, int64_t timeout_ns);
+/* Returns the message length (copied into out, which holds cap >= slot_size
+ * bytes), or a negative error. */
+int64_t sg_ring_get(sg_ring *r, char *out, size_t cap, int64_t timeout_ns);
+/* Enqueue a prefix of n messages (concatenated in data, lengths in lens),
+ * waiting until at least one fits. Returns how many (>= 1), or an error.
+ * Every length is checked before anything is enqueued. */
+int64_t sg_ring_put_many(sg_ring *r, const char *data, const uint32_t *lens, size_t n, int64_t timeout_ns);
+/* Take up to max messages into out (concatenated, at most cap bytes),
+ * lengths into lens, waiting until at least one is there. Returns how many. */
+int64_t sg_ring_get_many(sg_ring *r, char *out, size_t cap, uint32_t *lens, size_t max, int64_t timeout_ns);
+int sg_ring_info_get(sg_ring *r, sg_ring_info *out);
+
+typedef struct sg_topic_info {
+    uint64_t capacity;
+    uint64_t max_message;
+    uint32_t lossless;
+    uint32_t max_subscribers;
+    uint64_t tail;          /* messages published (positions claimed) */
+    uint64_t skipped;       /* positions skipped: their publisher died after claiming */
+    uint64_t removed;       /* dead subscribers dropped (lossless) */
+    uint64_t oldest_cursor; /* lowest cursor of a live subscriber; tail if none */
+    uint32_t subscribers;   /* live subscribers */
+    uint32_t waiters;
+} sg_topic_info;
+
+/* lossless: 0 = default/any (lossless on creation), 1 = lossless, 2 = lossy. */
+int sg_topic_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_message, uint32_t lossless,
+                  uint32_t max_subscribers, sg_topic **out);
+void sg_topic_free(sg_topic *t);
+int sg_topic_publish(sg_topic *t, const char *data, size_t len, int64_t timeout_ns);
+int sg_topic_info_get(sg_topic *t, sg_topic_info *out);
+/* A subscription sees every message published after it returns. One
+ * thread at a time per subscription. */
+int sg_topic_subscribe(sg_topic *t, sg_sub **out);
+/* Leave the topic (publishers stop waiting for it) and free the handle. */
+void sg_sub_free(sg_sub *s);
+/* Returns the next message's length, or SG_ELAPPED with *lost set to the
+ * messages it missed (lossy mode: it now continues from the oldest one
+ * retained), or another negative error. */
+int64_t sg_sub_get(sg_sub *s, char *out, size_t cap, int64_t timeout_ns, uint64_t *lost);
+/* Messages published and not yet read by this subscription. */
+uint64_t sg_sub_pending(sg_sub *s);
+
+int sg_counter_open(sg_grid *g, const char *name, sg_counter **out);
+void sg_counter_free(sg_counter *c);
+int sg_counter_get(sg_counter *c, int64_t *value);
+int sg_counter_set(sg_counter *c, int64_t v);
+/* SG_OK with the new value in *result, or SG_EOVERFLOW (nothing changed). */
+int sg_counter_add(sg_counter *c, int64_t delta, int64_t *result);
+/* SG_OK if the value was expected and is now desired, SG_NO otherwise. */
+int sg_counter_compare_and_set(sg_counter *c, int64_t expected, int64_t desired);
+
+typedef struct sg_lock_info {
+    uint32_t owner_tid;     /* 0 if free */
+    uint32_t owner_alive;
+    uint64_t acquisitions;
+    uint64_t owner_deaths;
+    uint32_t waiters;
+} sg_lock_info;
+
+int sg_lock_open(sg_grid *g, const char *name, sg_lock **out);
+void sg_lock_free(sg_lock *l);
+/* SG_OK, or SG_OWNERDIED (acquired: the previous owner died holding it),
+ * SG_EAGAIN (timeout), SG_EINTR, SG_EDEADLK (this thread holds it). */
+int sg_lock_acquire(sg_lock *l, int64_t timeout_ns);
+/* SG_OK, or SG_ENOTOWNER if this thread does not hold it. */
+int sg_lock_release(sg_lock *l);
+int sg_lock_info_get(sg_lock *l, sg_lock_info *out);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

@@ -22,6 +22,9 @@ from .errors import (
     IntegerOverflow,
     InvalidArgument,
     InvalidName,
+    Deadlock,
+    Lapped,
+    LockNotHeld,
     LockOwnerDied,
     NotAnInteger,
     ObjectMismatch,
@@ -34,12 +37,20 @@ from .errors import (
 )
 from .grid import DEFAULT_SIZE, Grid, parse_size
 from .map import Map
+from .ring import Ring
+from .sync import Counter, Lock
+from .topic import Subscription, Topic
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Grid",
     "Map",
+    "Ring",
+    "Topic",
+    "Subscription",
+    "Counter",
+    "Lock",
     "DEFAULT_SIZE",
     "parse_size",
     "ShmgridError",
@@ -61,4 +72,7 @@ __all__ = [
     "Empty",
     "RemoteUnavailable",
     "LockOwnerDied",
+    "LockNotHeld",
+    "Deadlock",
+    "Lapped",
 ]

@@ -31,6 +31,9 @@ __all__ = [
     "Empty",
     "RemoteUnavailable",
     "LockOwnerDied",
+    "LockNotHeld",
+    "Deadlock",
+    "Lapped",
 ]
 
 
@@ -108,7 +111,28 @@ class RemoteUnavailable(ShmgridError, TimeoutError):
 
 
 class LockOwnerDied(ShmgridError):
-    """The lock was acquired, but its previous owner died holding it."""
+    """Raised by ``Lock.acquire(raise_if_owner_died=True)`` when the lock was
+    acquired, but its previous owner died holding it. The caller holds the
+    lock: repair what the dead owner left half done, then release it."""
+
+
+class LockNotHeld(ShmgridError, RuntimeError):
+    """release() of a lock the calling thread does not hold."""
+
+
+class Deadlock(ShmgridError, RuntimeError):
+    """acquire() of a lock the calling thread already holds (locks are not
+    reentrant)."""
+
+
+class Lapped(ShmgridError):
+    """A subscriber of a lossy topic fell more than the topic's capacity
+    behind: ``lost`` messages were overwritten before it read them. The
+    subscription carries on from the oldest message still retained."""
+
+    def __init__(self, lost: int) -> None:
+        super().__init__(f"subscriber was lapped: {lost} messages lost")
+        self.lost = lost
 
 
 _BY_CODE: dict[int, type[ShmgridError]] = {
@@ -131,6 +155,9 @@ _BY_CODE: dict[int, type[ShmgridError]] = {
     lib.SG_ESYS: ShmgridError,
     lib.SG_EBUSY: Busy,
     lib.SG_ENAME: InvalidName,
+    lib.SG_ENOTOWNER: LockNotHeld,
+    lib.SG_EDEADLK: Deadlock,
+    lib.SG_EAGAIN: Busy,
 }
 
 

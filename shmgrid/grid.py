@@ -29,6 +29,9 @@ from .errors import CapacityError, Closed, InvalidArgument, InvalidName, Segment
 
 if TYPE_CHECKING:
     from .map import Map
+    from .ring import Ring
+    from .sync import Counter, Lock
+    from .topic import Topic
 
 __all__ = ["Grid", "parse_size", "DEFAULT_SIZE", "SHM_DIR"]
 
@@ -92,6 +95,9 @@ class _hybrid:
             return self._static
         return self._bound.__get__(obj, owner)
 
+
+_KINDS = {lib.SG_KIND_MAP: "map", lib.SG_KIND_RING: "ring", lib.SG_KIND_TOPIC: "topic",
+          lib.SG_KIND_COUNTER: "counter", lib.SG_KIND_LOCK: "lock"}
 
 _open_grids: "weakref.WeakSet[Grid]" = weakref.WeakSet()
 
@@ -239,6 +245,44 @@ class Grid:
 
         return Map._open(self, name, capacity, max_key, max_value, max_capacity)
 
+    def ring(self, name: str, slots: Optional[int] = None, slot_size: Optional[int] = None) -> "Ring":
+        """Create or open the MPMC ring ``name``: ``slots`` messages (default
+        1024) of at most ``slot_size`` bytes (default 256). On an existing
+        ring, a parameter given must equal the ring's (ObjectMismatch)."""
+        from .ring import Ring
+
+        return Ring._open(self, name, slots, slot_size)
+
+    def topic(
+        self,
+        name: str,
+        capacity: Optional[int] = None,
+        max_message: Optional[int] = None,
+        lossless: Optional[bool] = None,
+        max_subscribers: Optional[int] = None,
+    ) -> "Topic":
+        """Create or open the pub/sub topic ``name``: the last ``capacity``
+        messages (default 1024) of at most ``max_message`` bytes (default
+        256) are retained; ``lossless`` (default True on creation) makes
+        publishers wait for the slowest live subscriber; at most
+        ``max_subscribers`` (default 64) at a time. On an existing topic, a
+        parameter given must equal the topic's (ObjectMismatch)."""
+        from .topic import Topic
+
+        return Topic._open(self, name, capacity, max_message, lossless, max_subscribers)
+
+    def counter(self, name: str) -> "Counter":
+        """Create or open the atomic int64 counter ``name`` (starts at 0)."""
+        from .sync import Counter
+
+        return Counter._open(self, name)
+
+    def lock(self, name: str) -> "Lock":
+        """Create or open the robust inter-process lock ``name``."""
+        from .sync import Lock
+
+        return Lock._open(self, name)
+
     # ---- introspection ------------------------------------------------------
 
     def info(self) -> Dict[str, int]:
@@ -265,7 +309,7 @@ class Grid:
             if out.state != 2:
                 res.append({"name": None, "kind": "creating", "params": ()})
                 continue
-            kind = {lib.SG_KIND_MAP: "map"}.get(out.kind, f"kind{out.kind}")
+            kind = _KINDS.get(out.kind, f"kind{out.kind}")
             res.append({"name": ffi.string(out.name).decode(), "kind": kind, "params": tuple(out.param)})
         return res
 

@@ -1,0 +1,268 @@
+/*
+ * wait.c - what the messaging structures share: claim records in the
+ * process table, events (futex sleeping), deadlines, thread words.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "sg_internal.h"
+
+uint64_t sg__mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t sg__deadline(int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return UINT64_MAX;
+    return sg__mono_ns() + (uint64_t)timeout_ns;
+}
+
+/* ------------------------------------------------------------------------ */
+/* process-private state: the claim mutex and the thread-word cache         */
+
+/* One claim record per process slot, so the threads of a process take
+ * turns between claiming cells and finishing them (a few hundred ns; the
+ * mutex is never held while sleeping). */
+static pthread_mutex_t sg__claim_mutex = PTHREAD_MUTEX_INITIALIZER;
+/* Bumped in a forked child: thread words cached before the fork name the
+ * parent's threads. */
+static unsigned sg__fork_gen;
+static pthread_once_t sg__atfork_once = PTHREAD_ONCE_INIT;
+
+static void sg__child_after_fork(void)
+{
+    /* Only the forking thread lives on in the child; a mutex another parent
+     * thread held would stay locked for good. */
+    pthread_mutex_init(&sg__claim_mutex, NULL);
+    __atomic_add_fetch(&sg__fork_gen, 1, __ATOMIC_RELAXED);
+}
+
+static void sg__register_atfork(void) { pthread_atfork(NULL, NULL, sg__child_after_fork); }
+
+uint64_t sg__thread_word(void)
+{
+    static _Thread_local uint64_t word;
+    static _Thread_local unsigned gen;
+    pthread_once(&sg__atfork_once, sg__register_atfork);
+    unsigned now = __atomic_load_n(&sg__fork_gen, __ATOMIC_RELAXED);
+    if (!word || gen != now) {
+        word = sg__task_word((uint32_t)syscall(SYS_gettid));
+        gen = now;
+    }
+    return word;
+}
+
+/* ------------------------------------------------------------------------ */
+/* claim records                                                            */
+
+static sg_proc *sg__proc(sg_grid *g, uint32_t i) { return (sg_proc *)(g->base + SG_PROC_OFF) + i; }
+
+int sg__claim_begin(sg_grid *g)
+{
+    if (g->slot >= SG_PROC_SLOTS)
+        return sg__fail(SG_EPROCFULL, "this process has no slot in the process table of grid '%s' (it was full "
+                                      "when it attached), so it cannot claim ring cells safely", g->name);
+    pthread_once(&sg__atfork_once, sg__register_atfork);
+    pthread_mutex_lock(&sg__claim_mutex);
+    return SG_OK;
+}
+
+void sg__claim_set(sg_grid *g, uint64_t claim, uint64_t lo, uint64_t hi)
+{
+    sg_proc *me = sg__proc(g, g->slot);
+    sg_store_relaxed(&me->claim_lo, lo);
+    sg_store_relaxed(&me->claim_hi, hi);
+    /* SYNC POINT: claim-record (release): lo and hi are visible to whoever
+     * reads this claim_obj with acquire. The claiming CAS that follows is a
+     * release too, so a process that sees the claimed position (acquire on
+     * the tail or head) sees this record. */
+    sg_store_release(&me->claim_obj, claim);
+}
+
+void sg__claim_end(sg_grid *g)
+{
+    /* SYNC POINT: claim-clear (release): the cells published before this
+     * store are visible to a process that reads the cleared record, so its
+     * skip-CAS on such a cell fails rather than skipping a finished one. */
+    sg_store_release(&sg__proc(g, g->slot)->claim_obj, 0);
+    pthread_mutex_unlock(&sg__claim_mutex);
+}
+
+int sg__claim_live(sg_grid *g, uint64_t claim, uint64_t q)
+{
+    for (uint32_t i = 0; i < SG_PROC_SLOTS; i++) {
+        sg_proc *p = sg__proc(g, i);
+        uint64_t w = sg_load_acquire(&p->owner);
+        if (w == 0)
+            continue;
+        /* SYNC POINT: claim-record / claim-clear (acquire) */
+        if (sg_load_acquire(&p->claim_obj) != claim)
+            continue;
+        uint64_t lo = sg_load_relaxed(&p->claim_lo), hi = sg_load_relaxed(&p->claim_hi);
+        /* A slot taken over meanwhile pairs the record with another owner:
+         * read the owner again and look at the slot anew if it changed. */
+        if (sg_load_acquire(&p->owner) != w) {
+            i--;
+            continue;
+        }
+        if (q >= lo && q < hi && sg__word_alive(w))
+            return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* events                                                                   */
+
+uint32_t sg__event_prepare(uint32_t *ev)
+{
+    /* SYNC POINT: event (sleeper): set W, then re-check the condition */
+    uint32_t v = sg_fetch_or32_seq_cst(ev, SG_EVENT_WAITERS) | SG_EVENT_WAITERS;
+    sg_fence_seq_cst();
+    return v;
+}
+
+void sg__event_signal(uint32_t *ev)
+{
+    /* SYNC POINT: event (waker): the change is stored; now look for W */
+    sg_fence_seq_cst();
+    uint32_t v = sg_load32_relaxed(ev);
+    if (!(v & SG_EVENT_WAITERS))
+        return;
+    /* clear W and bump the count in one step: v odd -> v + 1 */
+    while ((v & SG_EVENT_WAITERS) && !sg_cas32_relaxed(ev, &v, v + 1))
+        ;
+    sg_futex_wake_all(ev);
+}
+
+int sg__event_sleep(sg_grid *g, uint64_t obj, uint32_t *ev, uint32_t v, uint64_t deadline, int64_t slice_ns)
+{
+    uint64_t now = sg__mono_ns();
+    if (now >= deadline)
+        return SG_EAGAIN;
+    int64_t wait = slice_ns;
+    if (deadline != UINT64_MAX && deadline - now < (uint64_t)wait)
+        wait = (int64_t)(deadline - now);
+    uint64_t *rec = g->slot < SG_PROC_SLOTS ? &sg__proc(g, g->slot)->waiting : NULL;
+    if (rec)
+        sg_store_relaxed(rec, obj); /* stat only: last sleeper of the process wins */
+    int rc = sg_futex_wait(ev, v, wait);
+    if (rec) {
+        uint64_t mine = obj;
+        sg_cas_relaxed(rec, &mine, 0);
+    }
+    if (rc == EINTR)
+        return sg__fail(SG_EINTR, "interrupted by a signal");
+    return SG_OK;
+}
+
+uint32_t sg__waiters(sg_grid *g, uint64_t obj)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < SG_PROC_SLOTS; i++) {
+        sg_proc *p = sg__proc(g, i);
+        uint64_t w = sg_load_acquire(&p->owner);
+        if (w && sg_load_relaxed(&p->waiting) == obj && sg__word_alive(w))
+            n++;
+    }
+    return n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* objects                                                                  */
+
+int sg__object_check(sg_dirent *e, const char *kind, const char *name, const char *const field[],
+                     const uint64_t asked[], int n)
+{
+    for (int i = 0; i < n; i++)
+        if (asked[i] && asked[i] != e->param[i])
+            return sg__fail(SG_EMISMATCH, "%s '%s' exists with %s=%llu; it was asked for with %s=%llu", kind, name,
+                            field[i], (unsigned long long)e->param[i], field[i], (unsigned long long)asked[i]);
+    return SG_OK;
+}
+
+void *sg__object_payload(sg_grid *g, const sg_dirent *e, uint64_t need)
+{
+    sg_block *b = sg__block(g, e->obj);
+    if (!b || SG_META_KIND(b->meta) != SG_BLK_OBJECT || SG_META_LEN(b->meta) < need ||
+        sg__class_size(SG_META_CLASS(b->meta)) < SG_BLOCK_HDR + need) {
+        sg__fail(SG_ECORRUPT, "object '%.*s': directory entry names a bad object block", (int)e->name_len, e->name);
+        return NULL;
+    }
+    return b->payload;
+}
+
+int sg__object_alloc(sg_grid *g, uint64_t bytes, void **payload, uint64_t *obj)
+{
+    if (bytes > UINT32_MAX)
+        return sg__fail(SG_EINVAL, "object of %llu bytes is over the limit of %u bytes",
+                        (unsigned long long)bytes, UINT32_MAX);
+    uint64_t off;
+    int fresh;
+    int rc = sg__alloc(g, bytes, &off, &fresh);
+    if (rc)
+        return rc;
+    sg_block *b = (sg_block *)(g->base + off);
+    if (!fresh) /* carved memory is zero; recycled memory is not */
+        memset(b->payload, 0, bytes);
+    b->meta = SG_META(SG_META_CLASS(b->meta), SG_BLK_OBJECT, bytes);
+    *payload = b->payload;
+    *obj = off;
+    return SG_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the wait loop                                                            */
+
+/* A sleeper wakes at least this often: the Python layer needs control back
+ * for Ctrl-C, and a sleeper stuck behind a claimed cell re-checks its
+ * claimant on every wake-up. */
+#define SG_SLEEP_SLICE_NS 100000000ll
+#define SG_STUCK_SLICE_NS 2000000ll
+/* A non-blocking call stuck behind a claimed cell spins this much before it
+ * checks the claimant: a live one finishes within a few hundred ns. */
+#define SG_NOWAIT_SPIN 256u
+
+int64_t sg__wait(const sg__waiter *w, int64_t timeout_ns)
+{
+    uint64_t deadline = sg__deadline(timeout_ns);
+    int recover = 0;
+    for (;;) {
+        int64_t got = w->step(w->ctx, recover);
+        if (got != SG__EMPTY && got != SG__STUCK)
+            return got;
+        int stuck = got == SG__STUCK;
+        uint32_t budget = timeout_ns == 0 ? (stuck && !recover ? SG_NOWAIT_SPIN : 0) : sg_load32_relaxed(w->spin);
+        int found = 0;
+        for (uint32_t i = 0; i < budget && !found; i++) {
+            sg_cpu_relax();
+            found = w->ready(w->ctx);
+        }
+        if (timeout_ns != 0)
+            sg__spin_adapt(w->spin, found);
+        /* after a spin, a claimant still holding the cell gets checked */
+        recover = stuck;
+        if (found)
+            continue;
+        if (timeout_ns == 0) {
+            if (stuck && budget)
+                continue; /* one more try, now checking for a dead claimant */
+            return sg__fail(SG_EAGAIN, "%s", w->what);
+        }
+        uint32_t v = sg__event_prepare(w->event);
+        if (w->ready(w->ctx))
+            continue;
+        int rc = sg__event_sleep(w->g, w->obj, w->event, v, deadline, stuck ? SG_STUCK_SLICE_NS : SG_SLEEP_SLICE_NS);
+        if (rc == SG_EAGAIN)
+            return sg__fail(SG_EAGAIN, "%s: timed out", w->what);
+        if (rc)
+            return rc;
+    }
+}

@@ -1,0 +1,214 @@
+"""Ring: a bounded MPMC queue of byte messages, shared by processes.
+
+Every message put is delivered to exactly one ``get``, FIFO per producer.
+``put``/``get`` block (GIL released, Ctrl-C honoured within 0.1 s) with an
+optional timeout; the ``_nowait`` forms and ``timeout=0`` never block. A
+producer killed after claiming a cell does not stall consumers: they skip
+its cell once its process is seen dead and count it (``stats()['skipped']``);
+a consumer killed inside ``get`` loses the message it was taking
+(``stats()['dropped']``).
+"""
+from __future__ import annotations
+
+import array
+import threading
+from itertools import accumulate
+from typing import Any, Dict, Iterable, List, Optional
+
+from ._core import ffi, lib
+from ._wait import deadline_of, first_slice, until, wait_more
+from .errors import Empty, Full, InvalidArgument, raise_for
+from .grid import cname
+
+__all__ = ["Ring"]
+
+_put = lib.sg_ring_put
+_get = lib.sg_ring_get
+_unpack = ffi.unpack
+_EAGAIN = lib.SG_EAGAIN
+
+
+def _payload(data: Any) -> Any:
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return ffi.from_buffer(data)
+    raise TypeError(f"messages are bytes-like, not {type(data).__name__}")
+
+
+def _positive(arg: str, v: Optional[int]) -> int:
+    if v is None:
+        return 0
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise TypeError(f"{arg} must be a positive int or None, got {v!r}")
+    return v
+
+
+class _Buffers(threading.local):
+    """Per-thread output buffers: cffi releases the GIL during C calls."""
+
+    def __init__(self, slot_size: int) -> None:
+        self.one = ffi.new("char[]", slot_size)
+        self.many: Any = None
+        self.lens: Any = None
+        self.many_max = 0
+
+    def for_many(self, n: int, slot_size: int) -> Any:
+        if n > self.many_max:
+            self.many = ffi.new("char[]", n * slot_size)
+            self.lens = ffi.new("uint32_t[]", n)
+            self.many_max = n
+        return self.many, self.lens
+
+
+class Ring:
+    """A named MPMC ring in a :class:`~shmgrid.Grid`: ``grid.ring(name)``."""
+
+    __slots__ = ("_grid", "_h", "_name", "_slots", "_slot_size", "_buf", "__weakref__")
+
+    @classmethod
+    def _open(cls, grid: Any, name: str, slots: Optional[int], slot_size: Optional[int]) -> "Ring":
+        s, sz = _positive("slots", slots), _positive("slot_size", slot_size)
+        out = ffi.new("sg_ring **")
+        try:
+            rc = lib.sg_ring_open(grid._handle(), cname(name, "ring"), s, sz, out)
+        except OverflowError:
+            raise InvalidArgument(f"slots {slots} or slot_size {slot_size} is out of range") from None
+        if rc:
+            raise_for(rc)
+        r = cls.__new__(cls)
+        r._grid = grid
+        r._h = ffi.gc(out[0], lib.sg_ring_free)
+        r._name = name
+        info = ffi.new("sg_ring_info *")
+        lib.sg_ring_info_get(r._h, info)
+        r._slots, r._slot_size = info.slots, info.slot_size
+        r._buf = _Buffers(r._slot_size)
+        return r
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capacity(self) -> int:
+        """Messages the ring holds at most (its slots)."""
+        return self._slots  # type: ignore[no-any-return]
+
+    @property
+    def slot_size(self) -> int:
+        """The largest message, in bytes."""
+        return self._slot_size  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<shmgrid.Ring {self._name!r} capacity={self._slots} slot_size={self._slot_size}>"
+
+    def __len__(self) -> int:
+        """Messages in the ring (claimed by producers, not yet by consumers)."""
+        s = self.stats()
+        return max(0, min(s["tail"] - s["head"], self._slots))
+
+    def stats(self) -> Dict[str, int]:
+        """Positions produced (``tail``) and consumed (``head``), ``depth``,
+        ``skipped`` (positions whose producer died after claiming them),
+        ``dropped`` (messages whose consumer died while taking them) and
+        ``waiters`` (live processes with a thread asleep on the ring)."""
+        info = ffi.new("sg_ring_info *")
+        rc = lib.sg_ring_info_get(self._h, info)
+        if rc:
+            raise_for(rc)
+        return {"capacity": info.slots, "slot_size": info.slot_size, "head": info.head, "tail": info.tail,
+                "depth": max(0, min(info.tail - info.head, info.slots)), "skipped": info.skipped,
+                "dropped": info.dropped, "waiters": info.waiters}
+
+    # ---- put ------------------------------------------------------------------
+
+    def put(self, data: Any, timeout: Optional[float] = None) -> None:
+        """Enqueue ``data``, waiting for room up to ``timeout`` seconds (None:
+        no limit). Raises Full on timeout, ValueTooLarge (nothing enqueued)
+        if it is over ``slot_size``."""
+        p = data if type(data) is bytes else _payload(data)
+        h = self._h
+        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        rc = _put(h, p, len(p), ns)
+        if rc:
+            wait_more(lambda n: _put(h, p, len(p), n), rc, timeout, lambda: Full(f"ring {self._name!r} is full"))
+
+    def put_nowait(self, data: Any) -> None:
+        """Enqueue ``data`` or raise Full at once."""
+        p = data if type(data) is bytes else _payload(data)
+        rc = _put(self._h, p, len(p), 0)
+        if rc:
+            if rc == _EAGAIN:
+                raise Full(f"ring {self._name!r} is full")
+            raise_for(rc)
+
+    def put_many(self, items: Iterable[Any], timeout: Optional[float] = None) -> int:
+        """Enqueue ``items`` in order, a batch of cells per C call, waiting
+        for room up to ``timeout`` seconds in all. Returns how many were
+        enqueued: all of them, or on timeout the first n (raises Full if
+        none). Every length is checked first: an item over ``slot_size``
+        raises ValueTooLarge and nothing is enqueued."""
+        deadline = deadline_of(timeout)
+        blobs = [x if type(x) is bytes else bytes(_payload(x)) for x in items]
+        n = len(blobs)
+        if n == 0:
+            return 0
+        lens = array.array("I", map(len, blobs))
+        dp = ffi.from_buffer(b"".join(blobs))
+        lp = ffi.from_buffer("uint32_t[]", lens)
+        h = self._h
+        done = off = 0
+        while done < n:
+            d, o = done, off
+            try:
+                k = until(lambda ns: lib.sg_ring_put_many(h, dp + o, lp + d, n - d, ns), deadline,
+                          lambda: Full(f"ring {self._name!r} is full"))
+            except Full:
+                if done:
+                    return done
+                raise
+            off += sum(lens[done:done + k])
+            done += k
+        return done
+
+    # ---- get ------------------------------------------------------------------
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """Dequeue the next message, waiting up to ``timeout`` seconds (None:
+        no limit). Raises Empty on timeout."""
+        h, buf = self._h, self._buf.one
+        cap = self._slot_size
+        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        n = _get(h, buf, cap, ns)
+        if n < 0:
+            n = wait_more(lambda t: _get(h, buf, cap, t), n, timeout, lambda: Empty(f"ring {self._name!r} is empty"))
+        return _unpack(buf, n)  # type: ignore[no-any-return]
+
+    def get_nowait(self) -> bytes:
+        """Dequeue the next message or raise Empty at once."""
+        buf = self._buf.one
+        n = _get(self._h, buf, self._slot_size, 0)
+        if n < 0:
+            if n == _EAGAIN:
+                raise Empty(f"ring {self._name!r} is empty")
+            raise_for(n)
+        return _unpack(buf, n)  # type: ignore[no-any-return]
+
+    def get_many(self, max_items: int, timeout: Optional[float] = None) -> List[bytes]:
+        """Dequeue up to ``max_items`` messages in one C call, waiting up to
+        ``timeout`` seconds for the first (then taking what is there).
+        Raises Empty if none arrived in time."""
+        if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items <= 0:
+            raise TypeError(f"max_items must be a positive int, got {max_items!r}")
+        deadline = deadline_of(timeout)
+        m = min(max_items, self._slots)
+        buf, lens = self._buf.for_many(m, self._slot_size)
+        h, cap = self._h, m * self._slot_size
+        k = until(lambda ns: lib.sg_ring_get_many(h, buf, cap, lens, m, ns), deadline,
+                  lambda: Empty(f"ring {self._name!r} is empty"))
+        raw = _unpack(buf, sum(lens[0:k]))
+        if k == 1:
+            return [raw]
+        ends = list(accumulate(lens[0:k]))
+        return list(map(raw.__getitem__, map(slice, [0] + ends[:-1], ends)))

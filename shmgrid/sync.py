@@ -1,0 +1,159 @@
+"""Counter and Lock: the small synchronisation objects of a grid.
+
+A Counter is an atomic int64 (add / get / set / compare_and_set); ``add``
+refuses to leave the int64 range (IntegerOverflow, nothing changed).
+
+A Lock is an inter-process mutex owned by one thread. ``acquire`` waits
+(GIL released, Ctrl-C honoured within 0.1 s) up to an optional timeout. If
+the holding thread or its process dies, the next acquirer gets the lock and
+is told: ``lock.owner_died`` is True after that acquire (False after any
+other), or, with ``acquire(raise_if_owner_died=True)``, LockOwnerDied is
+raised *with the lock held*. Locks are not reentrant (acquiring a lock the
+thread holds raises Deadlock), and releasing a lock the thread does not hold
+raises LockNotHeld.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from ._core import ffi, lib
+from ._wait import first_slice, wait_more
+from .errors import Busy, InvalidArgument, LockOwnerDied, raise_for
+from .grid import cname
+
+__all__ = ["Counter", "Lock"]
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_EAGAIN = lib.SG_EAGAIN
+_OWNERDIED = lib.SG_OWNERDIED
+
+
+def _i64(arg: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{arg} must be an int, not {type(v).__name__}")
+    if not _I64_MIN <= v <= _I64_MAX:
+        raise InvalidArgument(f"{arg} {v} is outside the int64 range")
+    return v
+
+
+class Counter:
+    """A named atomic int64 in a :class:`~shmgrid.Grid`: ``grid.counter(name)``."""
+
+    __slots__ = ("_grid", "_h", "_name", "__weakref__")
+
+    @classmethod
+    def _open(cls, grid: Any, name: str) -> "Counter":
+        out = ffi.new("sg_counter **")
+        rc = lib.sg_counter_open(grid._handle(), cname(name, "counter"), out)
+        if rc:
+            raise_for(rc)
+        c = cls.__new__(cls)
+        c._grid, c._name = grid, name
+        c._h = ffi.gc(out[0], lib.sg_counter_free)
+        return c
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<shmgrid.Counter {self._name!r}>"
+
+    def add(self, n: int = 1) -> int:
+        """Add ``n`` atomically; returns the new value."""
+        out = ffi.new("int64_t *")  # per call: cffi drops the GIL inside, so no shared out-value
+        rc = lib.sg_counter_add(self._h, _i64("n", n), out)
+        if rc:
+            raise_for(rc)
+        return out[0]  # type: ignore[no-any-return]
+
+    def get(self) -> int:
+        out = ffi.new("int64_t *")
+        rc = lib.sg_counter_get(self._h, out)
+        if rc:
+            raise_for(rc)
+        return out[0]  # type: ignore[no-any-return]
+
+    def set(self, value: int) -> None:
+        rc = lib.sg_counter_set(self._h, _i64("value", value))
+        if rc:
+            raise_for(rc)
+
+    def compare_and_set(self, old: int, new: int) -> bool:
+        """Set to ``new`` if the value is ``old``; True if it was set."""
+        rc = lib.sg_counter_compare_and_set(self._h, _i64("old", old), _i64("new", new))
+        if rc < 0:
+            raise_for(rc)
+        return rc == 0
+
+
+class Lock:
+    """A named robust inter-process lock in a :class:`~shmgrid.Grid`:
+    ``grid.lock(name)``. Use it as a context manager or with
+    acquire/release."""
+
+    __slots__ = ("_grid", "_h", "_name", "owner_died", "__weakref__")
+
+    @classmethod
+    def _open(cls, grid: Any, name: str) -> "Lock":
+        out = ffi.new("sg_lock **")
+        rc = lib.sg_lock_open(grid._handle(), cname(name, "lock"), out)
+        if rc:
+            raise_for(rc)
+        lk = cls.__new__(cls)
+        lk._grid, lk._name = grid, name
+        lk._h = ffi.gc(out[0], lib.sg_lock_free)
+        lk.owner_died = False
+        return lk
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<shmgrid.Lock {self._name!r}>"
+
+    def acquire(self, timeout: Optional[float] = None, *, raise_if_owner_died: bool = False) -> bool:
+        """Take the lock, waiting up to ``timeout`` seconds (None: no limit;
+        0: do not wait). True if taken, False on timeout. Sets
+        ``owner_died`` (see the module doc)."""
+        h = self._h
+        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        rc = lib.sg_lock_acquire(h, ns)
+        if rc < 0:
+            try:
+                rc = wait_more(lambda t: lib.sg_lock_acquire(h, t), rc, timeout, lambda: Busy("timed out"))
+            except Busy:
+                return False
+        self.owner_died = rc == _OWNERDIED
+        if self.owner_died and raise_if_owner_died:
+            raise LockOwnerDied(f"lock {self._name!r} acquired; its previous owner died holding it")
+        return True
+
+    def release(self) -> None:
+        """Release the lock; LockNotHeld if this thread does not hold it."""
+        rc = lib.sg_lock_release(self._h)
+        if rc:
+            raise_for(rc)
+
+    def locked(self) -> bool:
+        """Whether some live or dead thread holds it now (a snapshot)."""
+        return self.stats()["owner_tid"] != 0
+
+    def stats(self) -> Dict[str, Any]:
+        """``owner_tid`` (0 if free), ``owner_alive``, ``acquisitions``,
+        ``owner_deaths`` (acquires that recovered it from a dead holder),
+        ``waiters``."""
+        info = ffi.new("sg_lock_info *")
+        rc = lib.sg_lock_info_get(self._h, info)
+        if rc:
+            raise_for(rc)
+        return {"owner_tid": info.owner_tid, "owner_alive": bool(info.owner_alive),
+                "acquisitions": info.acquisitions, "owner_deaths": info.owner_deaths, "waiters": info.waiters}
+
+    def __enter__(self) -> "Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,182 @@
+"""Topic: publish/subscribe between processes.
+
+A subscription sees every message published after ``subscribe()``
+returned, in publication order, and all subscriptions see the same order.
+Lossless topics (the default) make ``publish`` wait for the slowest live
+subscriber (timeout: Full); a subscriber whose process died stops holding
+publishers back. Lossy topics (``lossless=False``) never make publishers
+wait: a subscriber that falls more than ``capacity`` messages behind gets
+:class:`~shmgrid.Lapped` (with ``.lost``, the exact number of messages it
+missed) from its next ``get``, then carries on from the oldest message
+still retained.
+
+A Subscription belongs to the process that made it (it is not inherited
+usefully across fork) and is used by one thread at a time.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Optional
+
+from ._core import ffi, lib
+from ._wait import first_slice, wait_more
+from .errors import Closed, Empty, Full, InvalidArgument, Lapped, raise_for
+from .grid import cname
+from .ring import _payload, _positive
+
+__all__ = ["Topic", "Subscription"]
+
+_publish = lib.sg_topic_publish
+_sub_get = lib.sg_sub_get
+_unpack = ffi.unpack
+_EAGAIN = lib.SG_EAGAIN
+_ELAPPED = lib.SG_ELAPPED
+
+
+class Topic:
+    """A named topic in a :class:`~shmgrid.Grid`: ``grid.topic(name)``."""
+
+    __slots__ = ("_grid", "_h", "_name", "_info", "__weakref__")
+
+    @classmethod
+    def _open(cls, grid: Any, name: str, capacity: Optional[int], max_message: Optional[int],
+              lossless: Optional[bool], max_subscribers: Optional[int]) -> "Topic":
+        cap, mm, ms = (_positive("capacity", capacity), _positive("max_message", max_message),
+                       _positive("max_subscribers", max_subscribers))
+        if lossless is not None and not isinstance(lossless, bool):
+            raise TypeError(f"lossless must be True, False or None, got {lossless!r}")
+        mode = 0 if lossless is None else (1 if lossless else 2)
+        out = ffi.new("sg_topic **")
+        try:
+            rc = lib.sg_topic_open(grid._handle(), cname(name, "topic"), cap, mm, mode, ms, out)
+        except OverflowError:
+            raise InvalidArgument("capacity, max_message or max_subscribers is out of range") from None
+        if rc:
+            raise_for(rc)
+        t = cls.__new__(cls)
+        t._grid = grid
+        t._h = ffi.gc(out[0], lib.sg_topic_free)
+        t._name = name
+        t._info = t.stats()
+        return t
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capacity(self) -> int:
+        return self._info["capacity"]  # type: ignore[no-any-return]
+
+    @property
+    def max_message(self) -> int:
+        return self._info["max_message"]  # type: ignore[no-any-return]
+
+    @property
+    def lossless(self) -> bool:
+        return self._info["lossless"]  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        mode = "lossless" if self.lossless else "lossy"
+        return f"<shmgrid.Topic {self._name!r} capacity={self.capacity} max_message={self.max_message} {mode}>"
+
+    def stats(self) -> Dict[str, Any]:
+        """``published`` (positions claimed), live ``subscribers``, how far
+        the slowest is behind (``lag``), ``skipped`` (positions whose
+        publisher died), ``removed`` (dead subscribers dropped), ``waiters``."""
+        info = ffi.new("sg_topic_info *")
+        rc = lib.sg_topic_info_get(self._h, info)
+        if rc:
+            raise_for(rc)
+        return {"capacity": info.capacity, "max_message": info.max_message, "lossless": bool(info.lossless),
+                "max_subscribers": info.max_subscribers, "published": info.tail,
+                "subscribers": info.subscribers, "lag": info.tail - info.oldest_cursor,
+                "skipped": info.skipped, "removed": info.removed, "waiters": info.waiters}
+
+    def publish(self, data: Any, timeout: Optional[float] = None) -> None:
+        """Publish ``data``. Lossless: waits up to ``timeout`` seconds (None:
+        no limit) for the slowest live subscriber, then raises Full; lossy:
+        never waits for subscribers. ValueTooLarge if over ``max_message``."""
+        p = data if type(data) is bytes else _payload(data)
+        h = self._h
+        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        rc = _publish(h, p, len(p), ns)
+        if rc:
+            wait_more(lambda n: _publish(h, p, len(p), n), rc, timeout,
+                      lambda: Full(f"topic {self._name!r} is full: a subscriber is behind"))
+
+    def subscribe(self) -> "Subscription":
+        """A new subscription: it sees every message published from now on."""
+        out = ffi.new("sg_sub **")
+        rc = lib.sg_topic_subscribe(self._h, out)
+        if rc:
+            raise_for(rc)
+        return Subscription(self, out[0])
+
+
+class Subscription:
+    """One subscriber of a Topic. Iterate it, or call ``get``. ``close()``
+    (or leaving a ``with`` block) stops publishers waiting for it."""
+
+    __slots__ = ("_topic", "_h", "_buf", "_cap", "_lost", "__weakref__")
+
+    def __init__(self, topic: Topic, handle: Any) -> None:
+        self._topic = topic
+        self._h = ffi.gc(handle, lib.sg_sub_free)
+        self._cap = topic.max_message
+        self._buf = ffi.new("char[]", max(1, self._cap))
+        self._lost = ffi.new("uint64_t *")
+
+    def _handle(self) -> Any:
+        if self._h is None:
+            raise Closed("subscription is closed")
+        return self._h
+
+    def get(self, timeout: Optional[float] = None) -> bytes:
+        """The next message, waiting up to ``timeout`` seconds (None: no
+        limit); Empty on timeout; Lapped (lossy topics) when messages were
+        lost: the next call returns the oldest message still retained."""
+        h, buf, cap, lost = self._handle(), self._buf, self._cap, self._lost
+
+        def step(ns: int) -> int:
+            n = _sub_get(h, buf, cap, ns, lost)
+            if n == _ELAPPED:
+                raise Lapped(lost[0])
+            return n  # type: ignore[no-any-return]
+
+        n = step(100_000_000 if timeout is None else first_slice(timeout))
+        if n < 0:
+            n = wait_more(step, n, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))
+        return _unpack(buf, n)  # type: ignore[no-any-return]
+
+    def get_nowait(self) -> bytes:
+        """The next message, or Empty at once (Lapped as for get)."""
+        n = _sub_get(self._handle(), self._buf, self._cap, 0, self._lost)
+        if n < 0:
+            if n == _EAGAIN:
+                raise Empty(f"no message on topic {self._topic.name!r}")
+            if n == _ELAPPED:
+                raise Lapped(self._lost[0])
+            raise_for(n)
+        return _unpack(self._buf, n)  # type: ignore[no-any-return]
+
+    def pending(self) -> int:
+        """Messages published that this subscription has not read yet."""
+        return lib.sg_sub_pending(self._handle())  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Messages as they come, blocking; ends only by an exception (Lapped
+        can be caught and iteration resumed)."""
+        while True:
+            yield self.get()
+
+    def close(self) -> None:
+        """Leave the topic. Idempotent."""
+        if self._h is not None:
+            h, self._h = self._h, None
+            ffi.release(h)
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
