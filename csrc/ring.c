@@ -356,3 +356,37 @@ int sg_ring_info_get(sg_ring *r, sg_ring_info *out)
     out->waiters = sg__waiters(r->g, r->obj);
     return SG_OK;
 }
+
+int sg_ring_validate(sg_ring *r)
+{
+    SG_CHECK_GRID(r->g);
+    sg_ring_hdr *h = r->hdr;
+    uint64_t head = sg_load_acquire(&h->head), tail = sg_load_acquire(&h->tail);
+    if (head > tail + r->slots || tail > head + r->slots || tail >= SG_RING_MAX_POS)
+        return sg__fail(SG_ECORRUPT, "ring: head %llu and tail %llu are more than %llu slots apart",
+                        (unsigned long long)head, (unsigned long long)tail, (unsigned long long)r->slots);
+    /* Position p in [tail - slots, tail + slots) owns cell p % slots in one of
+     * these states, depending on where p is relative to head and tail. */
+    uint64_t base = tail > r->slots ? tail - r->slots : 0;
+    for (uint64_t i = 0; i < r->slots; i++) {
+        uint64_t s = sg_load_acquire(&sg__cell(r, base + i)->seq);
+        uint64_t p = s >> 2; /* the position the cell is at */
+        int ok;
+        if (p < head) /* taken by a consumer that has not freed it yet: tail waits behind it */
+            ok = ((s & 3) == 1 || (s & 3) == 2) && p + r->slots >= tail;
+        else if (p < tail) /* produced: written, skipped, or claimed and not written */
+            ok = (s & 3) <= 2;
+        else /* free for the producer of p, the next lap of a position below tail */
+            ok = (s & 3) == 0 && p < tail + r->slots;
+        if (!ok || p % r->slots != (base + i) % r->slots) {
+            if (sg_load_acquire(&h->head) != head || sg_load_acquire(&h->tail) != tail)
+                return sg__fail(SG_EBUSY, "ring changed during validation");
+            return sg__fail(SG_ECORRUPT, "ring: cell %llu has sequence word %llu with head %llu and tail %llu",
+                            (unsigned long long)((base + i) % r->slots), (unsigned long long)s,
+                            (unsigned long long)head, (unsigned long long)tail);
+        }
+    }
+    if (sg_load_acquire(&h->head) != head || sg_load_acquire(&h->tail) != tail)
+        return sg__fail(SG_EBUSY, "ring changed during validation");
+    return SG_OK;
+}

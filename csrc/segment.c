@@ -606,6 +606,8 @@ int sg_grid_object(sg_grid *g, uint32_t index, sg_object_info *out)
     memcpy(out->name, e->name, n);
     out->name[n] = 0;
     memcpy(out->param, e->param, sizeof out->param);
+    sg_block *b = sg__block(g, e->obj);
+    out->bytes = b ? sg__class_size(SG_META_CLASS(b->meta)) : 0;
     return SG_OK;
 }
 

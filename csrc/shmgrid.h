@@ -108,6 +108,8 @@ typedef struct sg_object_info {
     uint32_t state;        /* 0 empty, 1 being created, 2 ready */
     char name[65];         /* NUL-terminated */
     uint64_t param[4];     /* creation parameters (map: capacity, max_key, max_value) */
+    uint64_t bytes;        /* bytes of the object's header block (a map's tables and
+                              entries are extra; a ring's or topic's cells are inside) */
 } sg_object_info;
 
 typedef struct sg_proc_info {
@@ -255,6 +257,10 @@ int64_t sg_ring_put_many(sg_ring *r, const char *data, const uint32_t *lens, siz
  * lengths into lens, waiting until at least one is there. Returns how many. */
 int64_t sg_ring_get_many(sg_ring *r, char *out, size_t cap, uint32_t *lens, size_t max, int64_t timeout_ns);
 int sg_ring_info_get(sg_ring *r, sg_ring_info *out);
+/* Check every cell's sequence word against head and tail: SG_OK,
+ * SG_ECORRUPT, or SG_EBUSY if head or tail moved during the walk
+ * (meaningful only while the ring is idle). */
+int sg_ring_validate(sg_ring *r);
 
 typedef struct sg_topic_info {
     uint64_t capacity;

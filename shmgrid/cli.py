@@ -32,6 +32,39 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def _kinds(objects: List[Dict[str, Any]]) -> str:
+    """'5: 2 maps, 1 ring, 2 locks'."""
+    counts: Dict[str, int] = {}
+    for o in objects:
+        counts[o["kind"]] = counts.get(o["kind"], 0) + 1
+    parts = [f"{n} {k}{'s' if n > 1 else ''}" for k, n in sorted(counts.items())]
+    return f"{len(objects)}" + (f": {', '.join(parts)}" if parts else "")
+
+
+def _details(kind: str, r: Optional[Dict[str, Any]]) -> str:
+    """One line of figures per object for `shmgrid stat`."""
+    if r is None:
+        return "-"
+    if kind == "map":
+        return (f"{r['live']} keys, {r['tombstones']} tombstones, slots {r['bound']}/{r['nslots']}, "
+                f"table gen {r['generation']}, capacity {r['capacity']}, heap {_human(r['block_bytes'] + r['table_bytes'])}")
+    if kind == "ring":
+        return (f"depth {r['depth']}/{r['capacity']}, slot_size {r['slot_size']}, waiters {r['waiters']}, "
+                f"put {r['tail']}, got {r['head']}, skipped {r['skipped']} (dead producers), "
+                f"dropped {r['dropped']} (dead consumers)" + ("" if r.get("checked", True) else ", busy: cells not checked"))
+    if kind == "topic":
+        return (f"{'lossless' if r['lossless'] else 'lossy'}, published {r['published']}, capacity {r['capacity']}, "
+                f"max_message {r['max_message']}, subscribers {r['subscribers']}/{r['max_subscribers']}, "
+                f"slowest lag {r['lag']}, waiters {r['waiters']}, skipped {r['skipped']}, removed {r['removed']}")
+    if kind == "counter":
+        return f"value {r['value']}"
+    if kind == "lock":
+        held = (f"held by tid {r['owner_tid']} ({'alive' if r['owner_alive'] else 'dead: the next acquirer takes it'})"
+                if r["owner_tid"] else "free")
+        return f"{held}, waiters {r['waiters']}, acquisitions {r['acquisitions']}, owner deaths {r['owner_deaths']}"
+    return "-"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     rows: List[Sequence[Any]] = []
     for name in list_segments():
@@ -41,7 +74,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 procs = _others(g.processes())
                 live = sum(p["alive"] for p in procs)
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["created_ns"] / 1e9))
-                rows.append((name, _human(info["size"]), _human(info["heap_brk"]), info["objects"],
+                rows.append((name, _human(info["size"]), _human(info["heap_brk"]), _kinds(g.objects()),
                              f"{live} live" + (f", {len(procs) - live} dead" if len(procs) > live else ""),
                              created))
         except ShmgridError as e:
@@ -60,7 +93,7 @@ def _stat(g: Grid) -> Dict[str, Any]:
         "info": g.info(),
         "heap": {k: v for k, v in report.items() if k != "maps"},
         "objects": [
-            dict(o, report=report["maps"].get(o["name"])) for o in g.objects()
+            dict(o, report=report["maps"].get(o["name"]) or report["objects"].get(o["name"])) for o in g.objects()
         ],
         "processes": _others(g.processes()),
     }
@@ -78,16 +111,9 @@ def cmd_stat(args: argparse.Namespace) -> int:
           f"{_human(heap['reachable_bytes'])} in use, {_human(heap['free_bytes'])} free for reuse, "
           f"{_human(heap['retired_bytes'])} reclaimable (old tables waiting for readers), "
           f"{_human(heap['leaked_bytes'])} leaked (held by processes killed mid-write; exact only when idle)")
-    rows = []
-    for o in st["objects"]:
-        r = o["report"]
-        if r is None:
-            rows.append((o["name"], o["kind"], "-", "-", "-", "-", "-", "-"))
-            continue
-        rows.append((o["name"], o["kind"], r["live"], r["tombstones"], f"{r['bound']}/{r['nslots']}",
-                     r["generation"], r["capacity"], _human(r["block_bytes"] + r["table_bytes"])))
+    rows = [(o["name"], o["kind"], _details(o["kind"], o["report"])) for o in st["objects"]]
     if rows:
-        print(_table(rows, ("OBJECT", "KIND", "ENTRIES", "TOMBSTONES", "SLOTS", "TABLE GEN", "CAPACITY", "HEAP")))
+        print(_table(rows, ("OBJECT", "KIND", "FIGURES")))
     else:
         print("no objects")
     procs = st["processes"]
@@ -112,11 +138,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     g.map(o["name"]).validate(repair=True)
         report = g.validate()
     maps = report.pop("maps")
-    print(f"grid {args.name}: OK ({len(maps)} maps; leaked {_human(report['leaked_bytes'])})")
+    others = report.pop("objects")
+    print(f"grid {args.name}: OK ({len(maps)} maps, {len(others)} other objects; "
+          f"leaked {_human(report['leaked_bytes'])})")
     for name, r in maps.items():
         drift = r["live_counter"] - r["live"]
         note = f"; len() counter off by {drift} (validate --repair fixes it when idle)" if drift else ""
         print(f"  map {name}: {r['live']} keys, {r['tombstones']} tombstones{note}")
+    for name, r in others.items():
+        print(f"  {r['kind']} {name}: {_details(r['kind'], r)}")
     return 0
 
 

@@ -25,7 +25,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Union
 
 from ._core import ffi, lib
-from .errors import CapacityError, Closed, InvalidArgument, InvalidName, SegmentExists, SegmentNotFound, raise_for
+from .errors import Busy, CapacityError, Closed, InvalidArgument, InvalidName, SegmentExists, SegmentNotFound, raise_for
 
 if TYPE_CHECKING:
     from .map import Map
@@ -307,10 +307,11 @@ class Grid:
             if rc:
                 raise_for(rc)
             if out.state != 2:
-                res.append({"name": None, "kind": "creating", "params": ()})
+                res.append({"name": None, "kind": "creating", "params": (), "bytes": 0})
                 continue
             kind = _KINDS.get(out.kind, f"kind{out.kind}")
-            res.append({"name": ffi.string(out.name).decode(), "kind": kind, "params": tuple(out.param)})
+            res.append({"name": ffi.string(out.name).decode(), "kind": kind, "params": tuple(out.param),
+                        "bytes": out.bytes})
         return res
 
     def processes(self) -> List[Dict[str, int]]:
@@ -329,8 +330,10 @@ class Grid:
         return res
 
     def validate(self) -> Dict[str, Any]:
-        """Walk the heap's free lists and every map; raise CorruptSegment on
-        a broken invariant. Returns heap figures and per-map reports.
+        """Walk the heap's free lists and every object; raise CorruptSegment
+        on a broken invariant. Returns heap figures, per-map reports
+        (``maps``) and the figures of the other objects (``objects``: a
+        ring's stats, a topic's, a counter's value, a lock's holder).
 
         ``retired_bytes`` are old tables (and the key blocks of keys they
         dropped) waiting for every process reading them to move on.
@@ -340,12 +343,15 @@ class Grid:
         """
         # Maps first: validating one finishes its migration and may free
         # retired tables, which the heap walk must then see as free.
-        maps = {o["name"]: self.map(o["name"]).validate() for o in self.objects() if o["kind"] == "map"}
+        objs = self.objects()
+        maps = {o["name"]: self.map(o["name"]).validate() for o in objs if o["kind"] == "map"}
+        others = {o["name"]: _object_report(self, o) for o in objs if o["kind"] not in ("map", "creating")}
         out = ffi.new("sg_heap_report *")
         rc = lib.sg_grid_validate(self._handle(), out)
         if rc:
             raise_for(rc)
         reachable = sum(r["block_bytes"] + r["table_bytes"] for r in maps.values())
+        reachable += sum(o["bytes"] for o in objs if o["kind"] not in ("map", "creating"))
         retired = sum(r["retired_bytes"] for r in maps.values())
         return {
             "heap_bytes": out.heap_bytes,
@@ -357,7 +363,26 @@ class Grid:
             "retired_bytes": retired,
             "leaked_bytes": max(0, out.carved_bytes - out.gap_bytes - out.free_bytes - reachable - retired),
             "maps": maps,
+            "objects": others,
         }
+
+
+def _object_report(grid: "Grid", o: Dict[str, Any]) -> Dict[str, Any]:
+    """What `shmgrid stat` shows of a ring, topic, counter or lock."""
+    kind, name = o["kind"], o["name"]
+    if kind == "ring":
+        ring = grid.ring(name)
+        try:
+            return {"kind": kind, "checked": True, **ring.validate()}
+        except Busy:  # in use: the cell walk is only meaningful when idle
+            return {"kind": kind, "checked": False, **ring.stats()}
+    if kind == "topic":
+        return {"kind": kind, **grid.topic(name).stats()}
+    if kind == "counter":
+        return {"kind": kind, "value": grid.counter(name).get()}
+    if kind == "lock":
+        return {"kind": kind, **grid.lock(name).stats()}
+    return {"kind": kind}
 
 
 def _check_room(nbytes: int) -> None:

@@ -121,6 +121,15 @@ class Ring:
                 "depth": max(0, min(info.tail - info.head, info.slots)), "skipped": info.skipped,
                 "dropped": info.dropped, "waiters": info.waiters}
 
+    def validate(self) -> Dict[str, int]:
+        """Check every cell against head and tail; raises CorruptSegment on
+        a broken invariant, Busy if the ring changed meanwhile (it is
+        meaningful only while idle). Returns stats()."""
+        rc = lib.sg_ring_validate(self._h)
+        if rc:
+            raise_for(rc)
+        return self.stats()
+
     # ---- put ------------------------------------------------------------------
 
     def put(self, data: Any, timeout: Optional[float] = None) -> None:

@@ -8,7 +8,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = [os.path.join(CSRC, f) for f in ("segment.c", "heap.c", "map.c", "tests/test_core.c")]
+LIBRARY = [os.path.join(CSRC, f) for f in ("segment.c", "heap.c", "map.c", "wait.c", "ring.c", "topic.c", "sync.c")]
+PROGRAMS = {"test_core": "tests/test_core.c", "test_msg": "tests/test_msg.c"}
 STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"]
 
 BUILDS = {
@@ -17,13 +18,15 @@ BUILDS = {
 }
 
 
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
 @pytest.mark.parametrize("build", sorted(BUILDS))
 @pytest.mark.timeout(180)
-def test_c_core(build, tmp_path):
+def test_c(program, build, tmp_path):
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     assert cc, "a C compiler is needed for the C tests"
-    exe = tmp_path / f"test_core-{build}"
-    subprocess.run([cc, *STRICT, *BUILDS[build], *SOURCES, "-o", str(exe), "-lrt"], check=True)
+    exe = tmp_path / f"{program}-{build}"
+    sources = [*LIBRARY, os.path.join(CSRC, PROGRAMS[program])]
+    subprocess.run([cc, *STRICT, *BUILDS[build], *sources, "-o", str(exe), "-lrt", "-lpthread"], check=True)
     name = f"sgc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     try:

@@ -1,0 +1,325 @@
+/*
+ * test_msg.c - C unit tests of rings, topics, counters and locks.
+ *
+ * Built and run by tests/test_c.py like test_core.c (with -Werror, and under
+ * ASan + UBSan). Dead claimants are simulated by moving a tail or head past
+ * a cell with no claim record behind it, which is what a process killed
+ * between its claiming CAS and its publish leaves (its record names a dead
+ * process, or was cleared by a new owner of its slot).
+ * Usage: test_msg GRIDNAME. Exit status 0 = all passed.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../sg_internal.h"
+
+static int failures;
+
+#define CHECK(cond)                                                                                          \
+    do {                                                                                                     \
+        if (!(cond)) {                                                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
+                    sg_errmsg());                                                                            \
+            failures++;                                                                                      \
+        }                                                                                                    \
+    } while (0)
+
+/* The ring's header, reached the way a dead process would have left it. */
+static sg_ring_hdr *ring_hdr(sg_grid *g, const char *name)
+{
+    for (uint32_t i = 0; i < SG_DIR_SIZE; i++) {
+        sg_object_info o;
+        if (sg_grid_object(g, i, &o) == SG_OK && strcmp(o.name, name) == 0) {
+            sg_dirent *e = (sg_dirent *)(g->base + SG_DIR_OFF) + i;
+            return (sg_ring_hdr *)((sg_block *)(g->base + e->obj))->payload;
+        }
+    }
+    return NULL;
+}
+
+static void test_ring_basic(sg_grid *g)
+{
+    sg_ring *r;
+    char buf[64];
+    CHECK(sg_ring_open(g, "r-basic", 4, 16, &r) == SG_OK);
+    sg_ring *r2;
+    CHECK(sg_ring_open(g, "r-basic", 8, 0, &r2) == SG_EMISMATCH);
+    CHECK(sg_ring_get(r, buf, sizeof buf, 0) == SG_EAGAIN);
+    for (int i = 0; i < 4; i++)
+        CHECK(sg_ring_put(r, (char *)&i, sizeof i, 0) == SG_OK);
+    int x = 9;
+    CHECK(sg_ring_put(r, (char *)&x, sizeof x, 0) == SG_EAGAIN);
+    CHECK(sg_ring_put(r, buf, 17, 0) == SG_EVALSIZE);
+    for (int i = 0; i < 4; i++) {
+        CHECK(sg_ring_get(r, buf, sizeof buf, 0) == sizeof(int));
+        memcpy(&x, buf, sizeof x);
+        CHECK(x == i);
+    }
+    /* batches: lengths checked first, prefix semantics */
+    const char data[] = "aabbbcccc";
+    uint32_t lens[3] = {2, 3, 4}, bad[3] = {2, 17, 4}, out[8];
+    CHECK(sg_ring_put_many(r, data, bad, 3, 0) == SG_EVALSIZE);
+    CHECK(sg_ring_put_many(r, data, lens, 3, 0) == 3);
+    CHECK(sg_ring_put_many(r, data, lens, 3, 0) == 1); /* one slot left */
+    CHECK(sg_ring_get_many(r, buf, sizeof buf, out, 8, 0) == 4);
+    CHECK(out[0] == 2 && out[1] == 3 && out[2] == 4 && out[3] == 2 && memcmp(buf, "aabbbccccaa", 11) == 0);
+    CHECK(sg_ring_get(r, buf, 8, 0) == SG_EINVAL); /* buffer under slot_size */
+    CHECK(sg_ring_validate(r) == SG_OK);
+    /* a timed wait times out */
+    uint64_t t0 = sg__mono_ns();
+    CHECK(sg_ring_get(r, buf, sizeof buf, 20000000) == SG_EAGAIN);
+    CHECK(sg__mono_ns() - t0 >= 19000000);
+    sg_ring_free(r);
+}
+
+/* A producer that died after claiming: tail moved, cell never written. */
+static void test_ring_dead_producer(sg_grid *g)
+{
+    sg_ring *r;
+    char buf[16];
+    CHECK(sg_ring_open(g, "r-deadprod", 4, 16, &r) == SG_OK);
+    sg_ring_hdr *h = ring_hdr(g, "r-deadprod");
+    CHECK(sg_ring_put(r, "a", 1, 0) == SG_OK);
+    h->tail++; /* claimed position 1, no live claim record */
+    CHECK(sg_ring_put(r, "b", 1, 0) == SG_OK);
+    CHECK(sg_ring_validate(r) == SG_OK);
+    CHECK(sg_ring_get(r, buf, sizeof buf, 0) == 1 && buf[0] == 'a');
+    CHECK(sg_ring_get(r, buf, sizeof buf, 0) == 1 && buf[0] == 'b'); /* position 1 skipped */
+    sg_ring_info info;
+    CHECK(sg_ring_info_get(r, &info) == SG_OK && info.skipped == 1 && info.head == 3 && info.tail == 3);
+    CHECK(sg_ring_validate(r) == SG_OK);
+    sg_ring_free(r);
+}
+
+/* A consumer that died while taking a message: head moved, cell never freed. */
+static void test_ring_dead_consumer(sg_grid *g)
+{
+    sg_ring *r;
+    char buf[16];
+    CHECK(sg_ring_open(g, "r-deadcons", 2, 16, &r) == SG_OK);
+    sg_ring_hdr *h = ring_hdr(g, "r-deadcons");
+    CHECK(sg_ring_put(r, "a", 1, 0) == SG_OK);
+    CHECK(sg_ring_put(r, "b", 1, 0) == SG_OK);
+    h->head++; /* took position 0, never freed its cell */
+    CHECK(sg_ring_validate(r) == SG_OK);
+    CHECK(sg_ring_get(r, buf, sizeof buf, 0) == 1 && buf[0] == 'b');
+    CHECK(sg_ring_put(r, "c", 1, 0) == SG_OK);             /* cell 0 freed for it */
+    CHECK(sg_ring_put(r, "d", 1, 0) == SG_OK);             /* cell 1 */
+    CHECK(sg_ring_get(r, buf, sizeof buf, 0) == 1 && buf[0] == 'c');
+    CHECK(sg_ring_get(r, buf, sizeof buf, 0) == 1 && buf[0] == 'd');
+    sg_ring_info info;
+    CHECK(sg_ring_info_get(r, &info) == SG_OK && info.dropped == 1);
+    sg_ring_free(r);
+}
+
+/* Threads: 2 producers x N, 2 consumers; every message exactly once, FIFO
+ * per producer as seen by each consumer. */
+#define MT_N 100000
+struct mt {
+    sg_ring *r;
+    int id;
+    unsigned char *seen; /* [2][MT_N] */
+    long got;
+};
+
+static long mt_total; /* messages received by all consumers */
+
+static void *mt_producer(void *arg)
+{
+    struct mt *a = arg;
+    uint32_t msg[2] = {(uint32_t)a->id, 0};
+    uint32_t batch[16][2], lens[16];
+    for (uint32_t i = 0; i < MT_N;) {
+        if (i % 3 == 0) {
+            msg[1] = i++;
+            if (sg_ring_put(a->r, (char *)msg, sizeof msg, -1) != SG_OK)
+                return (void *)1;
+            continue;
+        }
+        uint32_t k = 0;
+        for (; k < 16 && i + k < MT_N; k++) {
+            batch[k][0] = (uint32_t)a->id;
+            batch[k][1] = i + k;
+            lens[k] = 8;
+        }
+        int64_t n = sg_ring_put_many(a->r, (char *)batch, lens, k, -1);
+        if (n <= 0)
+            return (void *)1;
+        i += (uint32_t)n;
+    }
+    return NULL;
+}
+
+static void *mt_consumer(void *arg)
+{
+    struct mt *a = arg;
+    uint32_t last[2] = {UINT32_MAX, UINT32_MAX};
+    uint32_t buf[64 * 4], lens[64];
+    for (;;) {
+        if (__atomic_load_n(&mt_total, __ATOMIC_RELAXED) == 2L * MT_N)
+            return NULL;
+        int64_t n = sg_ring_get_many(a->r, (char *)buf, sizeof buf, lens, 8, 10000000);
+        if (n == SG_EAGAIN)
+            continue;
+        if (n <= 0)
+            return (void *)1;
+        uint32_t *p = buf;
+        for (int64_t i = 0; i < n; i++, p += 2) {
+            if (lens[i] != 8 || p[0] > 1 || p[1] >= MT_N)
+                return (void *)2;
+            if (last[p[0]] != UINT32_MAX && p[1] <= last[p[0]])
+                return (void *)3; /* FIFO per producer */
+            last[p[0]] = p[1];
+            __atomic_add_fetch(&a->seen[p[0] * MT_N + p[1]], 1, __ATOMIC_RELAXED);
+            a->got++;
+        }
+        __atomic_add_fetch(&mt_total, n, __ATOMIC_RELAXED);
+    }
+}
+
+static void test_ring_threads(sg_grid *g)
+{
+    sg_ring *r;
+    CHECK(sg_ring_open(g, "r-mt", 64, 8, &r) == SG_OK);
+    unsigned char *seen = calloc(2, MT_N);
+    struct mt a[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        a[i] = (struct mt){r, i % 2, seen, 0};
+        pthread_create(&th[i], NULL, i < 2 ? mt_producer : mt_consumer, &a[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        void *res;
+        pthread_join(th[i], &res);
+        CHECK(res == NULL);
+    }
+    long once = 0;
+    for (long i = 0; i < 2L * MT_N; i++)
+        once += seen[i] == 1;
+    CHECK(once == 2L * MT_N && a[2].got + a[3].got == 2L * MT_N);
+    printf("ring threads: %ld + %ld messages received, each once\n", a[2].got, a[3].got);
+    CHECK(sg_ring_validate(r) == SG_OK);
+    free(seen);
+    sg_ring_free(r);
+}
+
+static void test_topic(sg_grid *g)
+{
+    sg_topic *t, *lossy;
+    sg_sub *s1, *s2;
+    char buf[32];
+    uint64_t lost = 0;
+    CHECK(sg_topic_open(g, "t-basic", 4, 32, 1, 2, &t) == SG_OK);
+    CHECK(sg_topic_open(g, "t-basic", 0, 0, 2, 0, &lossy) == SG_EMISMATCH);
+    CHECK(sg_topic_publish(t, "zero", 4, 0) == SG_OK); /* before anyone subscribed */
+    CHECK(sg_topic_subscribe(t, &s1) == SG_OK);
+    CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == SG_EAGAIN);
+    for (int i = 0; i < 4; i++)
+        CHECK(sg_topic_publish(t, (char *)&i, sizeof i, 0) == SG_OK);
+    CHECK(sg_topic_publish(t, "x", 1, 0) == SG_EAGAIN); /* s1 is 4 behind */
+    CHECK(sg_topic_subscribe(t, &s2) == SG_OK);
+    sg_sub *s3;
+    CHECK(sg_topic_subscribe(t, &s3) == SG_EFULL);
+    for (int i = 0; i < 4; i++) {
+        int x;
+        CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == sizeof x);
+        memcpy(&x, buf, sizeof x);
+        CHECK(x == i);
+    }
+    CHECK(sg_topic_publish(t, "new", 3, 0) == SG_OK);
+    CHECK(sg_sub_get(s2, buf, sizeof buf, 0, &lost) == 3 && memcmp(buf, "new", 3) == 0);
+    CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == 3);
+    /* a publisher that died after claiming: subscribers skip its position */
+    ((sg_topic_hdr *)ring_hdr(g, "t-basic"))->tail++;
+    CHECK(sg_topic_publish(t, "after", 5, 0) == SG_OK);
+    CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == 5 && memcmp(buf, "after", 5) == 0);
+    sg_topic_info info;
+    CHECK(sg_topic_info_get(t, &info) == SG_OK && info.skipped == 1 && info.subscribers == 2);
+    sg_sub_free(s2); /* s2 is behind; closing it unblocks publishers */
+    sg_sub_free(s1);
+    for (int i = 0; i < 10; i++)
+        CHECK(sg_topic_publish(t, "free", 4, 0) == SG_OK);
+    sg_topic_free(t);
+
+    CHECK(sg_topic_open(g, "t-lossy", 4, 32, 2, 0, &lossy) == SG_OK);
+    CHECK(sg_topic_subscribe(lossy, &s1) == SG_OK);
+    for (int i = 0; i < 10; i++)
+        CHECK(sg_topic_publish(lossy, (char *)&i, sizeof i, 0) == SG_OK);
+    CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == SG_ELAPPED && lost == 6);
+    for (int i = 6; i < 10; i++) {
+        int x;
+        CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == sizeof x);
+        memcpy(&x, buf, sizeof x);
+        CHECK(x == i);
+    }
+    CHECK(sg_sub_get(s1, buf, sizeof buf, 0, &lost) == SG_EAGAIN);
+    sg_sub_free(s1);
+    sg_topic_free(lossy);
+}
+
+static void test_counter_lock(sg_grid *g)
+{
+    sg_counter *c;
+    int64_t v;
+    CHECK(sg_counter_open(g, "c", &c) == SG_OK);
+    CHECK(sg_counter_add(c, 5, &v) == SG_OK && v == 5);
+    CHECK(sg_counter_set(c, INT64_MAX - 1) == SG_OK);
+    CHECK(sg_counter_add(c, 2, &v) == SG_EOVERFLOW);
+    CHECK(sg_counter_get(c, &v) == SG_OK && v == INT64_MAX - 1);
+    CHECK(sg_counter_compare_and_set(c, 1, 2) == SG_NO);
+    CHECK(sg_counter_compare_and_set(c, INT64_MAX - 1, -3) == SG_OK);
+    CHECK(sg_counter_get(c, &v) == SG_OK && v == -3);
+    sg_counter_free(c);
+
+    sg_lock *l;
+    CHECK(sg_lock_open(g, "c", &l) == SG_EMISMATCH);
+    CHECK(sg_lock_open(g, "l", &l) == SG_OK);
+    CHECK(sg_lock_release(l) == SG_ENOTOWNER);
+    CHECK(sg_lock_acquire(l, 0) == SG_OK);
+    CHECK(sg_lock_acquire(l, 0) == SG_EDEADLK);
+    CHECK(sg_lock_release(l) == SG_OK);
+    /* a holder that died: a child takes the lock and exits */
+    pid_t pid = fork();
+    if (pid == 0) {
+        sg_grid_after_fork(g);
+        _exit(sg_lock_acquire(l, 0) == SG_OK ? 0 : 1);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    sg_lock_info li;
+    CHECK(sg_lock_info_get(l, &li) == SG_OK && li.owner_tid == (uint32_t)pid && !li.owner_alive);
+    CHECK(sg_lock_acquire(l, 0) == SG_OWNERDIED);
+    CHECK(sg_lock_info_get(l, &li) == SG_OK && li.owner_deaths == 1 && li.acquisitions == 3);
+    CHECK(sg_lock_release(l) == SG_OK);
+    sg_lock_free(l);
+}
+
+int main(int argc, char **argv)
+{
+    const char *name = argc > 1 ? argv[1] : "sg-c-msg";
+    sg_grid *g;
+    sg_grid_unlink(name);
+    CHECK(sg_grid_create(name, 16 << 20, 0600, &g) == SG_OK);
+    test_ring_basic(g);
+    test_ring_dead_producer(g);
+    test_ring_dead_consumer(g);
+    test_ring_threads(g);
+    test_topic(g);
+    test_counter_lock(g);
+    sg_heap_report hr;
+    CHECK(sg_grid_validate(g, &hr) == SG_OK);
+    sg_grid_free(g);
+    CHECK(sg_grid_unlink(name) == SG_OK);
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_msg: all checks passed\n");
+    return 0;
+}
