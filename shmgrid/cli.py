@@ -164,7 +164,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(workers=args.workers, duration=args.duration, keys=args.keys)
+    return run_demo(workers=args.workers, duration=args.duration, keys=args.keys, jobs=args.jobs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -183,10 +183,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = sub.add_parser("rm", help="unlink grids (attached processes keep their mapping)")
     s.add_argument("names", nargs="+")
     s.set_defaults(fn=cmd_rm)
-    s = sub.add_parser("demo", help="several processes sharing one map, with live throughput and a final check")
+    s = sub.add_parser("demo", help="processes sharing a map, then a ring/topic/counter pipeline; live figures and exact checks")
     s.add_argument("--workers", type=int, default=4)
     s.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     s.add_argument("--keys", type=int, default=2000)
+    s.add_argument("--jobs", type=int, default=2_000_000, help="jobs through the pipeline stage")
     s.set_defaults(fn=cmd_demo)
     args = p.parse_args(argv)
     try:

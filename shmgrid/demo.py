@@ -1,11 +1,17 @@
-"""``shmgrid demo``: worker processes share one map on one segment.
+"""``shmgrid demo``: worker processes share one segment.
 
-Each worker attaches by name and runs a mix of put, get, delete and incr on
-a shared key space. Values name the key they were written for, so every
-read checks it got a value of its own key; counters are incremented by all
-workers, and each worker keeps its own tally of the increments it made.
-The parent prints throughput as it goes, then checks that the counters add
-up exactly to the tallies and that the map validates, and removes the grid.
+Stage 1, a shared map. Each worker attaches by name and runs a mix of put,
+get, delete and incr on a shared key space. Values name the key they were
+written for, so every read checks it got a value of its own key; counters
+are incremented by all workers, and each worker keeps its own tally of the
+increments it made. The parent prints throughput as it goes, then checks
+that the counters add up exactly to the tallies and that the map validates.
+
+Stage 2, a pipeline. Producers put numbered jobs into the ring "jobs" in
+batches; workers take batches, square the numbers, put the results into
+the ring "results" and add to the counter "processed"; the parent collects
+every result, then broadcasts "stop" on the topic "control". It checks each
+job came back exactly once with the right square, and removes the grid.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import sys
 import time
 from typing import Any, List
 
+from .errors import Empty
 from .grid import Grid
 
 _FLUSH = 512  # ops between a worker's progress reports
@@ -56,14 +63,101 @@ def _worker(grid_name: str, wid: int, keys: int, stop: Any, errors: Any) -> None
     grid.close()
 
 
+_JOB = struct.Struct("<qq")
+
+
+def _producer(grid_name: str, first: int, count: int) -> None:
+    grid = Grid.attach(grid_name)
+    jobs = grid.ring("jobs")
+    for start in range(first, first + count, 256):
+        n = min(256, first + count - start)
+        jobs.put_many([_JOB.pack(i, i % 1000) for i in range(start, start + n)])
+    grid.close()
+
+
+def _pipeline_worker(grid_name: str) -> None:
+    grid = Grid.attach(grid_name)
+    jobs, results = grid.ring("jobs"), grid.ring("results")
+    processed = grid.counter("processed")
+    control = grid.topic("control").subscribe()
+    while True:
+        try:
+            batch = jobs.get_many(256, timeout=0.05)
+        except Empty:
+            try:
+                if control.get_nowait() == b"stop":
+                    break
+            except Empty:
+                pass
+            continue
+        out = []
+        for raw in batch:
+            i, v = _JOB.unpack(raw)
+            out.append(_JOB.pack(i, v * v))
+        results.put_many(out)
+        processed.add(len(out))
+    control.close()
+    grid.close()
+
+
+def _pipeline(name: str, grid: Grid, workers: int, jobs_total: int) -> bool:
+    grid.ring("jobs", slots=4096, slot_size=_JOB.size)
+    results = grid.ring("results", slots=4096, slot_size=_JOB.size)
+    processed = grid.counter("processed")
+    control = grid.topic("control", capacity=16, max_message=16)
+    ctx = mp.get_context("fork")
+    print(f"pipeline: 2 producers -> ring 'jobs' -> {workers} workers (square) -> ring 'results' -> this process; "
+          f"{jobs_total:,} jobs")
+    ws = [ctx.Process(target=_pipeline_worker, args=(name,), daemon=True) for _ in range(workers)]
+    for p in ws:
+        p.start()
+    half = jobs_total // 2
+    ps = [ctx.Process(target=_producer, args=(name, 0, half), daemon=True),
+          ctx.Process(target=_producer, args=(name, half, jobs_total - half), daemon=True)]
+    t0 = last = time.monotonic()
+    for p in ps:
+        p.start()
+    seen = bytearray(jobs_total)
+    got = wrong = 0
+    while got < jobs_total:
+        try:
+            batch = results.get_many(1024, timeout=5.0)
+        except Empty:
+            print("  no result for 5 s: giving up")
+            break
+        for raw in batch:
+            i, sq = _JOB.unpack(raw)
+            seen[i] += 1
+            wrong += sq != (i % 1000) ** 2
+        got += len(batch)
+        if (now := time.monotonic()) - last >= 0.5:
+            print(f"  {now - t0:5.1f} s  {got:10,} results   processed counter {processed.get():10,}   "
+                  f"jobs queued {len(grid.ring('jobs')):5d}", flush=True)
+            last = now
+    elapsed = time.monotonic() - t0
+    control.publish(b"stop")
+    for p in ps + ws:
+        p.join(timeout=10)
+    stuck = [p.pid for p in ps + ws if p.is_alive()]
+    for p in ps + ws:
+        if p.is_alive():
+            p.kill()
+    once = seen.count(1)
+    ok = once == jobs_total and wrong == 0 and processed.get() == jobs_total and not stuck
+    print(f"done: {got:,} results in {elapsed:.2f} s ({got / elapsed:,.0f} jobs/s through two rings)")
+    print(f"check: {once:,} of {jobs_total:,} jobs came back exactly once, {wrong} wrong squares, "
+          f"processed counter {processed.get():,}" + (f"; processes that did not stop: {stuck}" if stuck else ""))
+    return ok
+
+
 def _read_int(m: Any, key: bytes) -> int:
     v = m.get(key)
     return struct.unpack("<q", v)[0] if v else 0
 
 
-def run_demo(workers: int = 4, duration: float = 10.0, keys: int = 2000) -> int:
-    if workers < 1 or duration <= 0 or keys < 16:
-        print("demo: need workers >= 1, duration > 0, keys >= 16", file=sys.stderr)
+def run_demo(workers: int = 4, duration: float = 10.0, keys: int = 2000, jobs: int = 2_000_000) -> int:
+    if workers < 1 or duration <= 0 or keys < 16 or jobs < 2:
+        print("demo: need workers >= 1, duration > 0, keys >= 16, jobs >= 2", file=sys.stderr)
         return 2
     name = f"shmgrid-demo-{os.getpid()}"
     grid = Grid.create(name, size="64MiB")
@@ -110,6 +204,10 @@ def run_demo(workers: int = 4, duration: float = 10.0, keys: int = 2000) -> int:
               f"map validates ({report['live']} keys, {report['tombstones']} tombstones)")
         if stuck:
             print(f"workers that did not stop: {stuck}")
+        print("map stage: " + ("PASS" if ok else "FAIL"))
+        piped = _pipeline(name, grid, max(1, min(workers, 4)), jobs)
+        print("pipeline stage: " + ("PASS" if piped else "FAIL"))
+        ok = ok and piped
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
     finally:
