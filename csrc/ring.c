@@ -357,6 +357,16 @@ int sg_ring_info_get(sg_ring *r, sg_ring_info *out)
     return SG_OK;
 }
 
+int64_t sg_ring_depth(sg_ring *r)
+{
+    SG_CHECK_GRID(r->g);
+    /* head first: tail read after it is at least as new, so no negative
+     * depth from a consumer passing between the two loads */
+    uint64_t head = sg_load_acquire(&r->hdr->head), tail = sg_load_acquire(&r->hdr->tail);
+    uint64_t d = tail > head ? tail - head : 0;
+    return (int64_t)(d < r->slots ? d : r->slots);
+}
+
 int sg_ring_validate(sg_ring *r)
 {
     SG_CHECK_GRID(r->g);

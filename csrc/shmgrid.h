@@ -257,6 +257,9 @@ int64_t sg_ring_put_many(sg_ring *r, const char *data, const uint32_t *lens, siz
  * lengths into lens, waiting until at least one is there. Returns how many. */
 int64_t sg_ring_get_many(sg_ring *r, char *out, size_t cap, uint32_t *lens, size_t max, int64_t timeout_ns);
 int sg_ring_info_get(sg_ring *r, sg_ring_info *out);
+/* Messages claimed by producers and not yet by consumers (0..slots), or a
+ * negative error. */
+int64_t sg_ring_depth(sg_ring *r);
 /* Check every cell's sequence word against head and tail: SG_OK,
  * SG_ECORRUPT, or SG_EBUSY if head or tail moved during the walk
  * (meaningful only while the ring is idle). */

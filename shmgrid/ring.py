@@ -24,7 +24,7 @@ __all__ = ["Ring"]
 
 _put = lib.sg_ring_put
 _get = lib.sg_ring_get
-_unpack = ffi.unpack
+_buffer = ffi.buffer
 _EAGAIN = lib.SG_EAGAIN
 
 
@@ -49,6 +49,7 @@ class _Buffers(threading.local):
 
     def __init__(self, slot_size: int) -> None:
         self.one = ffi.new("char[]", slot_size)
+        self.view = ffi.buffer(self.one)  # view[0:n] copies out as bytes
         self.many: Any = None
         self.lens: Any = None
         self.many_max = 0
@@ -105,8 +106,10 @@ class Ring:
 
     def __len__(self) -> int:
         """Messages in the ring (claimed by producers, not yet by consumers)."""
-        s = self.stats()
-        return max(0, min(s["tail"] - s["head"], self._slots))
+        n = lib.sg_ring_depth(self._h)
+        if n < 0:
+            raise_for(n)
+        return n  # type: ignore[no-any-return]
 
     def stats(self) -> Dict[str, int]:
         """Positions produced (``tail``) and consumed (``head``), ``depth``,
@@ -186,23 +189,22 @@ class Ring:
     def get(self, timeout: Optional[float] = None) -> bytes:
         """Dequeue the next message, waiting up to ``timeout`` seconds (None:
         no limit). Raises Empty on timeout."""
-        h, buf = self._h, self._buf.one
-        cap = self._slot_size
-        ns = 100_000_000 if timeout is None else first_slice(timeout)
-        n = _get(h, buf, cap, ns)
+        b = self._buf
+        h, buf, cap = self._h, b.one, self._slot_size
+        n = _get(h, buf, cap, 100_000_000 if timeout is None else first_slice(timeout))
         if n < 0:
             n = wait_more(lambda t: _get(h, buf, cap, t), n, timeout, lambda: Empty(f"ring {self._name!r} is empty"))
-        return _unpack(buf, n)  # type: ignore[no-any-return]
+        return b.view[0:n]  # type: ignore[no-any-return]
 
     def get_nowait(self) -> bytes:
         """Dequeue the next message or raise Empty at once."""
-        buf = self._buf.one
-        n = _get(self._h, buf, self._slot_size, 0)
+        b = self._buf
+        n = _get(self._h, b.one, self._slot_size, 0)
         if n < 0:
             if n == _EAGAIN:
                 raise Empty(f"ring {self._name!r} is empty")
             raise_for(n)
-        return _unpack(buf, n)  # type: ignore[no-any-return]
+        return b.view[0:n]  # type: ignore[no-any-return]
 
     def get_many(self, max_items: int, timeout: Optional[float] = None) -> List[bytes]:
         """Dequeue up to ``max_items`` messages in one C call, waiting up to
@@ -216,7 +218,7 @@ class Ring:
         h, cap = self._h, m * self._slot_size
         k = until(lambda ns: lib.sg_ring_get_many(h, buf, cap, lens, m, ns), deadline,
                   lambda: Empty(f"ring {self._name!r} is empty"))
-        raw = _unpack(buf, sum(lens[0:k]))
+        raw = _buffer(buf)[0:sum(lens[0:k])]
         if k == 1:
             return [raw]
         ends = list(accumulate(lens[0:k]))

@@ -14,6 +14,7 @@ raises LockNotHeld.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Optional
 
 from ._core import ffi, lib
@@ -34,6 +35,17 @@ def _i64(arg: str, v: Any) -> int:
     if not _I64_MIN <= v <= _I64_MAX:
         raise InvalidArgument(f"{arg} {v} is outside the int64 range")
     return v
+
+
+class _Out(threading.local):
+    """A per-thread int64 out-value: cffi drops the GIL inside C calls, so
+    threads must not share one, and ffi.new per call costs ~300 ns."""
+
+    def __init__(self) -> None:
+        self.p = ffi.new("int64_t *")
+
+
+_out = _Out()
 
 
 class Counter:
@@ -61,14 +73,16 @@ class Counter:
 
     def add(self, n: int = 1) -> int:
         """Add ``n`` atomically; returns the new value."""
-        out = ffi.new("int64_t *")  # per call: cffi drops the GIL inside, so no shared out-value
-        rc = lib.sg_counter_add(self._h, _i64("n", n), out)
+        out = _out.p
+        if type(n) is not int or not _I64_MIN <= n <= _I64_MAX:
+            _i64("n", n)
+        rc = lib.sg_counter_add(self._h, n, out)
         if rc:
             raise_for(rc)
         return out[0]  # type: ignore[no-any-return]
 
     def get(self) -> int:
-        out = ffi.new("int64_t *")
+        out = _out.p
         rc = lib.sg_counter_get(self._h, out)
         if rc:
             raise_for(rc)
