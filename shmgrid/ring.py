@@ -66,6 +66,12 @@ class Ring:
     """A named MPMC ring in a :class:`~shmgrid.Grid`: ``grid.ring(name)``."""
 
     __slots__ = ("_grid", "_h", "_name", "_slots", "_slot_size", "_buf", "__weakref__")
+    _grid: Any
+    _h: Any
+    _name: str
+    _slots: int
+    _slot_size: int
+    _buf: _Buffers
 
     @classmethod
     def _open(cls, grid: Any, name: str, slots: Optional[int], slot_size: Optional[int]) -> "Ring":

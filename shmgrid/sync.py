@@ -52,6 +52,9 @@ class Counter:
     """A named atomic int64 in a :class:`~shmgrid.Grid`: ``grid.counter(name)``."""
 
     __slots__ = ("_grid", "_h", "_name", "__weakref__")
+    _grid: Any
+    _h: Any
+    _name: str
 
     @classmethod
     def _open(cls, grid: Any, name: str) -> "Counter":
@@ -107,6 +110,10 @@ class Lock:
     acquire/release."""
 
     __slots__ = ("_grid", "_h", "_name", "owner_died", "__weakref__")
+    _grid: Any
+    _h: Any
+    _name: str
+    owner_died: bool
 
     @classmethod
     def _open(cls, grid: Any, name: str) -> "Lock":

@@ -36,6 +36,10 @@ class Topic:
     """A named topic in a :class:`~shmgrid.Grid`: ``grid.topic(name)``."""
 
     __slots__ = ("_grid", "_h", "_name", "_info", "__weakref__")
+    _grid: Any
+    _h: Any
+    _name: str
+    _info: Dict[str, Any]
 
     @classmethod
     def _open(cls, grid: Any, name: str, capacity: Optional[int], max_message: Optional[int],
