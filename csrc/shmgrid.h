@@ -273,8 +273,10 @@ typedef struct sg_topic_info {
     uint64_t tail;          /* messages published (positions claimed) */
     uint64_t skipped;       /* positions skipped: their publisher died after claiming */
     uint64_t removed;       /* dead subscribers dropped (lossless) */
-    uint64_t oldest_cursor; /* lowest cursor of a live subscriber; tail if none */
+    uint64_t oldest_cursor; /* lowest cursor of any subscriber record in use; tail if none */
     uint32_t subscribers;   /* live subscribers */
+    uint32_t dead_subscribers; /* records of dead processes not yet removed (a blocked
+                                  lossless publisher removes them) */
     uint32_t waiters;
 } sg_topic_info;
 

@@ -173,7 +173,10 @@ static int64_t sg__topic_try_publish(sg_topic *t, const char *data, size_t len, 
         uint64_t q = sg_load_seq_cst(&h->tail);
         if (t->lossless && q >= t->cap && sg_load_relaxed(&h->floor) <= q - t->cap &&
             sg__topic_scan(t, q, recover) <= q - t->cap) {
-            result = SG__EMPTY; /* a live subscriber still needs message q - cap */
+            /* A subscriber still needs message q - cap. Stuck, not empty:
+             * the wait loop then rescans with recover, which removes the
+             * subscriber if its process is dead. */
+            result = SG__STUCK;
             break;
         }
         sg_cell *c = sg__tcell(t, q);
@@ -426,9 +429,12 @@ int sg_topic_info_get(sg_topic *t, sg_topic_info *out)
     out->oldest_cursor = out->tail;
     for (uint32_t i = 0; i < t->max_subs; i++) {
         uint64_t w = sg_load_acquire(&t->subs[i].owner);
-        if (!w || !sg__word_alive(w))
+        if (!w)
             continue;
-        out->subscribers++;
+        if (sg__word_alive(w))
+            out->subscribers++;
+        else
+            out->dead_subscribers++; /* still holding publishers back until one removes it */
         uint64_t c = sg_load_acquire(&t->subs[i].cursor);
         if (c < out->oldest_cursor)
             out->oldest_cursor = c;

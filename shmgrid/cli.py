@@ -54,7 +54,8 @@ def _details(kind: str, r: Optional[Dict[str, Any]]) -> str:
                 f"dropped {r['dropped']} (dead consumers)" + ("" if r.get("checked", True) else ", busy: cells not checked"))
     if kind == "topic":
         return (f"{'lossless' if r['lossless'] else 'lossy'}, published {r['published']}, capacity {r['capacity']}, "
-                f"max_message {r['max_message']}, subscribers {r['subscribers']}/{r['max_subscribers']}, "
+                f"max_message {r['max_message']}, subscribers {r['subscribers']}/{r['max_subscribers']}"
+                + (f" (+{r['dead_subscribers']} dead, not yet removed)" if r.get("dead_subscribers") else "") + ", "
                 f"slowest lag {r['lag']}, waiters {r['waiters']}, skipped {r['skipped']}, removed {r['removed']}")
     if kind == "counter":
         return f"value {r['value']}"

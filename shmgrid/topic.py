@@ -84,16 +84,19 @@ class Topic:
         return f"<shmgrid.Topic {self._name!r} capacity={self.capacity} max_message={self.max_message} {mode}>"
 
     def stats(self) -> Dict[str, Any]:
-        """``published`` (positions claimed), live ``subscribers``, how far
-        the slowest is behind (``lag``), ``skipped`` (positions whose
-        publisher died), ``removed`` (dead subscribers dropped), ``waiters``."""
+        """``published`` (positions claimed), live ``subscribers``,
+        ``dead_subscribers`` (records of dead processes a blocked lossless
+        publisher has not removed yet), how far the slowest record is
+        behind (``lag``), ``skipped`` (positions whose publisher died),
+        ``removed`` (dead subscribers dropped), ``waiters``."""
         info = ffi.new("sg_topic_info *")
         rc = lib.sg_topic_info_get(self._h, info)
         if rc:
             raise_for(rc)
         return {"capacity": info.capacity, "max_message": info.max_message, "lossless": bool(info.lossless),
                 "max_subscribers": info.max_subscribers, "published": info.tail,
-                "subscribers": info.subscribers, "lag": info.tail - info.oldest_cursor,
+                "subscribers": info.subscribers, "dead_subscribers": info.dead_subscribers,
+                "lag": info.tail - info.oldest_cursor,
                 "skipped": info.skipped, "removed": info.removed, "waiters": info.waiters}
 
     def publish(self, data: Any, timeout: Optional[float] = None) -> None:
