@@ -105,14 +105,12 @@ void sg_ring_free(sg_ring *r)
 /* Put a prefix of n messages without waiting. Returns how many (> 0),
  * SG__EMPTY (no room), SG__STUCK (the next cell is held by a consumer that
  * claimed it and has not freed it), or an error. With `recover`, a stuck
- * cell whose consumer is dead is freed instead (its message is dropped). */
+ * cell whose consumer is dead is freed instead (its message is dropped).
+ * The claim mutex is held only from the claim record to the publish; the
+ * liveness checks (/proc reads) run outside it. */
 static int64_t sg__ring_try_put(sg_ring *r, const char *data, const uint32_t *lens, size_t n, int recover)
 {
     sg_ring_hdr *h = r->hdr;
-    int rc = sg__claim_begin(r->g);
-    if (rc)
-        return rc;
-    int64_t result;
     for (;;) {
         uint64_t q = sg_load_relaxed(&h->tail);
         sg_cell *c = sg__cell(r, q);
@@ -123,45 +121,47 @@ static int64_t sg__ring_try_put(sg_ring *r, const char *data, const uint32_t *le
             size_t k = 1;
             while (k < n && k < r->slots && sg_load_acquire(&sg__cell(r, q + k)->seq) == SG_RING_FREE(q + k))
                 k++;
+            int rc = sg__claim_begin(r->g);
+            if (rc)
+                return rc;
             sg__claim_set(r->g, SG_CLAIM(r->obj, SG_CLAIM_PUT), q, q + k);
-            if (!sg_cas_acq_rel(&h->tail, &q, q + k))
+            if (!sg_cas_acq_rel(&h->tail, &q, q + k)) {
+                sg__claim_end(r->g);
                 continue; /* another producer took q */
-            /* The claimed cells are ours alone until we store FULL: plain copies. */
+            }
+            /* The claimed cells are ours alone until we store FULL. The
+             * copies are relaxed word copies all the same: the ring's block
+             * may be a recycled map block that a stalled map reader is still
+             * copying (SYNC POINT: block-reuse). */
             for (size_t i = 0; i < k; i++) {
                 sg_cell *ci = sg__cell(r, q + i);
-                memcpy(ci->data, data, lens[i]);
-                ci->len = lens[i];
+                sg_copy_in(ci->data, data, lens[i]);
+                sg_store_relaxed(&ci->len, lens[i]);
                 /* SYNC POINT: ring-full (release): data and len are complete */
                 sg_store_release(&ci->seq, SG_RING_FULL(q + i));
                 data += lens[i];
             }
-            result = (int64_t)k;
-            break;
+            sg__claim_end(r->g);
+            sg__event_signal(&h->not_empty);
+            return (int64_t)k;
         }
         if (s > SG_RING_FREE(q))
             continue; /* q was claimed and written meanwhile: tail has moved on */
         /* The cell still belongs to position q - slots. */
         uint64_t prev = q - r->slots;
-        if (q < r->slots || (s != SG_RING_FULL(prev) && s != SG_RING_SKIP(prev))) {
-            result = SG__EMPTY; /* its producer has not finished: full, as far as we are concerned */
-            break;
-        }
-        if (sg_load_acquire(&h->head) <= prev) {
-            result = SG__EMPTY; /* full: no consumer has taken it yet */
-            break;
-        }
+        if (q < r->slots || (s != SG_RING_FULL(prev) && s != SG_RING_SKIP(prev)))
+            return SG__EMPTY; /* its producer has not finished: full, as far as we are concerned */
+        if (sg_load_acquire(&h->head) <= prev)
+            return SG__EMPTY; /* full: no consumer has taken it yet */
         /* A consumer claimed prev and has not freed the cell. */
-        if (!recover || sg__claim_live(r->g, SG_CLAIM(r->obj, SG_CLAIM_GET), prev)) {
-            result = SG__STUCK;
-            break;
+        if (!recover || sg__claim_live(r->g, SG_CLAIM(r->obj, SG_CLAIM_GET), prev))
+            return SG__STUCK;
+        if (sg_cas_acq_rel(&c->seq, &s, SG_RING_FREE(q))) {
+            if (s == SG_RING_FULL(prev))
+                sg_fetch_add_relaxed(&h->dropped, 1);
+            sg__event_signal(&h->not_full);
         }
-        if (sg_cas_acq_rel(&c->seq, &s, SG_RING_FREE(q)) && s == SG_RING_FULL(prev))
-            sg_fetch_add_relaxed(&h->dropped, 1);
     }
-    sg__claim_end(r->g);
-    if (result > 0)
-        sg__event_signal(&h->not_empty);
-    return result;
 }
 
 /* Take up to max messages without waiting (at most cap / slot_size). Returns
@@ -171,16 +171,11 @@ static int64_t sg__ring_try_put(sg_ring *r, const char *data, const uint32_t *le
 static int64_t sg__ring_try_get(sg_ring *r, char *out, size_t cap, uint32_t *lens, size_t max, int recover)
 {
     sg_ring_hdr *h = r->hdr;
-    int rc = sg__claim_begin(r->g);
-    if (rc)
-        return rc;
     size_t kmax = cap / r->slot_size;
     if (kmax > max)
         kmax = max;
     if (kmax > r->slots)
         kmax = r->slots;
-    int64_t result;
-    int freed = 0;
     for (;;) {
         uint64_t q = sg_load_relaxed(&h->head);
         sg_cell *c = sg__cell(r, q);
@@ -194,18 +189,23 @@ static int64_t sg__ring_try_get(sg_ring *r, char *out, size_t cap, uint32_t *len
                     break;
                 k++;
             }
+            int rc = sg__claim_begin(r->g);
+            if (rc)
+                return rc;
             sg__claim_set(r->g, SG_CLAIM(r->obj, SG_CLAIM_GET), q, q + k);
-            if (!sg_cas_acq_rel(&h->head, &q, q + k))
+            if (!sg_cas_acq_rel(&h->head, &q, q + k)) {
+                sg__claim_end(r->g);
                 continue; /* another consumer took q */
+            }
             size_t msgs = 0, corrupt = 0;
             for (size_t i = 0; i < k; i++) {
                 sg_cell *ci = sg__cell(r, q + i);
                 if (sg_load_relaxed(&ci->seq) == SG_RING_FULL(q + i)) {
-                    uint64_t len = ci->len;
+                    uint64_t len = sg_load_relaxed(&ci->len);
                     if (len > r->slot_size) {
                         corrupt++;
                     } else {
-                        memcpy(out, ci->data, len);
+                        sg_copy_out(out, ci->data, len);
                         out += len;
                         lens[msgs++] = (uint32_t)len;
                     }
@@ -213,35 +213,26 @@ static int64_t sg__ring_try_get(sg_ring *r, char *out, size_t cap, uint32_t *len
                 /* SYNC POINT: ring-free (release): our copy is done */
                 sg_store_release(&ci->seq, SG_RING_FREE(q + i + r->slots));
             }
-            freed = 1;
-            if (corrupt) {
-                result = sg__fail(SG_ECORRUPT, "ring: %zu cells held a length over slot_size %u", corrupt, r->slot_size);
-                break;
-            }
+            sg__claim_end(r->g);
+            sg__event_signal(&h->not_full);
+            if (corrupt)
+                return sg__fail(SG_ECORRUPT, "ring: %zu cells held a length over slot_size %u", corrupt, r->slot_size);
             if (msgs == 0)
                 continue; /* only skipped positions: look further */
-            result = (int64_t)msgs;
-            break;
+            return (int64_t)msgs;
         }
         if (s > SG_RING_SKIP(q))
             continue; /* q was taken meanwhile: head has moved on */
         if (s == SG_RING_FREE(q) && sg_load_acquire(&h->tail) > q) {
             /* claimed by a producer that has not written it yet */
-            if (!recover || sg__claim_live(r->g, SG_CLAIM(r->obj, SG_CLAIM_PUT), q)) {
-                result = SG__STUCK;
-                break;
-            }
+            if (!recover || sg__claim_live(r->g, SG_CLAIM(r->obj, SG_CLAIM_PUT), q))
+                return SG__STUCK;
             if (sg_cas_acq_rel(&c->seq, &s, SG_RING_SKIP(q)))
                 sg_fetch_add_relaxed(&h->skipped, 1);
             continue;
         }
-        result = SG__EMPTY;
-        break;
+        return SG__EMPTY;
     }
-    sg__claim_end(r->g);
-    if (freed)
-        sg__event_signal(&h->not_full);
-    return result;
 }
 
 /* Cheap looks for the spin loops: no claim, no ordering needed. */

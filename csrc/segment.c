@@ -188,26 +188,34 @@ uint64_t sg__task_word(uint32_t tid)
 {
     uint64_t start = 0;
     char state;
-    /* /proc/<tid>/stat exists for every thread, listed or not */
+    /* /proc/<tid>/stat exists for every thread, listed or not. Start time 0
+     * (no /proc, or it could not be read, e.g. out of file descriptors)
+     * means "unknown": liveness then falls back to kill(pid, 0), never to a
+     * start-time mismatch that would declare a live owner dead. */
     if (sg__proc_stat(tid, &start, &state) != 0)
-        start = 0; /* no /proc: liveness falls back to kill(pid, 0) */
+        start = 0;
     return sg__word(tid, start);
 }
 
 uint64_t sg__self_word(void) { return sg__task_word((uint32_t)getpid()); }
 
-int sg_pid_alive(uint32_t pid, uint64_t start_ticks)
+/* Liveness of a process (thread = 0) or of one thread (thread = 1): a
+ * process whose main thread exited while others run is alive, but that
+ * main thread, as a lock holder, is dead. */
+static int sg__task_alive(uint32_t pid, uint64_t start_ticks, int thread)
 {
     uint64_t start;
     char state;
     if (pid == 0)
         return 0;
+    if ((start_ticks & SG_PW_START_MASK) == 0)
+        return kill((pid_t)pid, 0) == 0 || errno == EPERM; /* start time unknown */
     switch (sg__proc_stat(pid, &start, &state)) {
     case 0:
         if ((start & SG_PW_START_MASK) != (start_ticks & SG_PW_START_MASK))
             return 0; /* the pid was reused */
         if (state == 'Z' || state == 'X')
-            return sg__threads(pid) > 1; /* Z with threads left: only its main thread exited */
+            return !thread && sg__threads(pid) > 1; /* Z with threads left: only its main thread exited */
         return 1;
     case -1:
         /* no /proc entry: gone, unless /proc hides other users' processes */
@@ -215,6 +223,13 @@ int sg_pid_alive(uint32_t pid, uint64_t start_ticks)
     default:
         return kill((pid_t)pid, 0) == 0 || errno == EPERM;
     }
+}
+
+int sg_pid_alive(uint32_t pid, uint64_t start_ticks) { return sg__task_alive(pid, start_ticks, 0); }
+
+int sg__thread_alive(uint64_t word)
+{
+    return sg__task_alive((uint32_t)(word & SG_PW_PID_MASK), (word >> SG_PW_PID_BITS) & SG_PW_START_MASK, 1);
 }
 
 int sg__word_alive(uint64_t word)
@@ -308,6 +323,7 @@ static sg_grid *sg__handle(const char *name)
         return NULL;
     strncpy(g->name, name, SG_GRID_NAME_MAX_LEN);
     g->refs = 1;
+    g->fork_gen = sg__fork_generation(); /* before the word: a fork in between is then caught */
     g->self = sg__self_word();
     return g;
 }
@@ -506,6 +522,7 @@ int sg_grid_after_fork(sg_grid *g)
     if (!g || !g->base)
         return SG_OK;
     /* The mapping is inherited; the parent's slot stays the parent's. */
+    g->fork_gen = sg__fork_generation();
     g->self = sg__self_word();
     return sg__claim_slot(g);
 }

@@ -17,6 +17,9 @@ struct sg_grid {
     uint32_t slot;     /* process-table slot held by this handle */
     int fd;            /* the shm object, kept to fallocate heap pages before use */
     int refs;          /* 1 for the grid handle + 1 per object handle */
+    unsigned fork_gen; /* sg__fork_generation() when `slot` and `self` were taken: a
+                          forked child that did not call sg_grid_after_fork is
+                          caught up by the messaging calls */
     char name[SG_GRID_NAME_MAX_LEN + 1];
 };
 
@@ -85,7 +88,8 @@ uint64_t sg__block_bytes(uint64_t payload);
 /* ---- processes (segment.c) ---- */
 uint64_t sg__self_word(void);
 uint64_t sg__task_word(uint32_t tid); /* the word of any thread or process id */
-int sg__word_alive(uint64_t word);
+int sg__word_alive(uint64_t word);   /* a process word */
+int sg__thread_alive(uint64_t word); /* a thread word (lock owners) */
 
 /* ---- directory (segment.c) ---- */
 typedef int (*sg__create_fn)(sg_grid *g, const uint64_t param[4], uint64_t *obj, void *ctx);
@@ -107,6 +111,11 @@ static inline uint64_t sg__obj_off(const sg_grid *g, const void *p) { return (ui
 uint64_t sg__mono_ns(void);
 uint64_t sg__deadline(int64_t timeout_ns);
 
+/* Forks seen by this process (a pthread_atfork child handler counts them). */
+unsigned sg__fork_generation(void);
+/* In a forked child whose handle still names the parent's slot, take one. */
+int sg__check_fork(sg_grid *g);
+
 /* Claim records (SYNC POINT: claim-record, claim-clear; see sg_proc).
  * sg__claim_begin takes the process-private claim mutex and checks the
  * handle has a process slot; sg__claim_end clears the record and drops the
@@ -121,6 +130,7 @@ int sg__claim_live(sg_grid *g, uint64_t claim, uint64_t q);
  * to sleep on; the caller re-checks its condition before sleeping. */
 uint32_t sg__event_prepare(uint32_t *ev);
 void sg__event_signal(uint32_t *ev);
+void sg__event_signal2(uint32_t *a, uint32_t *b); /* both, with one fence */
 /* Sleep on ev (expected value v) until woken, the deadline, or slice_ns.
  * SG_OK: woken or the slice ended (re-check); SG_EAGAIN: deadline passed;
  * SG_EINTR: a signal. Records the sleep in the process table for stat. */

@@ -443,7 +443,7 @@ enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1, SG_OBJ_RING = 2, SG_OBJ_TOPIC = 3, SG_OB
 #define SG_RING_FREE(q) ((uint64_t)(q) << 2)
 #define SG_RING_FULL(q) (((uint64_t)(q) << 2) | 1u)
 #define SG_RING_SKIP(q) (((uint64_t)(q) << 2) | 2u)
-#define SG_RING_MAX_POS (1ull << 61)
+#define SG_RING_MAX_POS (1ull << 62) /* 4q must fit in 64 bits */
 
 typedef struct sg_ring_hdr {
     /* line 0: parameters, written by the creator before the dirent is READY */

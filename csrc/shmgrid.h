@@ -157,6 +157,10 @@ int sg_grid_attach(const char *name, sg_grid **out);
 void sg_grid_close(sg_grid *g);
 void sg_grid_free(sg_grid *g);
 int sg_grid_unlink(const char *name);
+/* In a child forked from a process with g open: take the child's own
+ * process-table slot and word (the parent's stay the parent's). Call it
+ * before the child uses g (the Python layer does, from an at-fork hook);
+ * ring, topic and lock calls do it themselves if it was not done. */
 int sg_grid_after_fork(sg_grid *g);
 int sg_grid_info_get(sg_grid *g, sg_grid_info *out);
 int sg_grid_object(sg_grid *g, uint32_t index, sg_object_info *out);

@@ -161,7 +161,7 @@ static int sg__lock_try(sg_lock *l, uint64_t me, int check_dead)
         sg_fetch_add_relaxed(&h->acquisitions, 1);
         return SG_OK;
     }
-    if (!check_dead || sg__word_alive(cur))
+    if (!check_dead || sg__thread_alive(cur))
         return SG__EMPTY;
     /* The holder died: take the lock over from it, unless someone else did. */
     if (!sg_cas_acquire(&h->owner, &cur, me))
@@ -231,7 +231,7 @@ int sg_lock_info_get(sg_lock *l, sg_lock_info *out)
     memset(out, 0, sizeof *out);
     uint64_t w = sg_load_acquire(&h->owner);
     out->owner_tid = (uint32_t)(w & SG_PW_PID_MASK);
-    out->owner_alive = w ? (uint32_t)sg__word_alive(w) : 0;
+    out->owner_alive = w ? (uint32_t)sg__thread_alive(w) : 0;
     out->acquisitions = sg_load_relaxed(&h->acquisitions);
     out->owner_deaths = sg_load_relaxed(&h->owner_deaths);
     out->waiters = sg__waiters(l->g, l->obj);

@@ -148,6 +148,8 @@ static uint64_t sg__topic_scan(sg_topic *t, uint64_t q, int recover)
         uint64_t w = sg_load_seq_cst(&s->owner);
         if (!w)
             continue;
+        /* SYNC POINT: topic-cursor (acquire, seq_cst): the subscriber's
+         * copies of the messages below its cursor are done */
         uint64_t c = sg_load_seq_cst(&s->cursor);
         if (recover && c + t->cap <= q && !sg__word_alive(w)) {
             if (sg_cas_seq_cst(&s->owner, &w, 0))
@@ -157,28 +159,27 @@ static uint64_t sg__topic_scan(sg_topic *t, uint64_t q, int recover)
         if (c < low)
             low = c;
     }
-    sg_store_relaxed(&t->hdr->floor, low);
+    /* SYNC POINT: topic-floor (release): a publisher that trusts this floor
+     * (acquire) sees the cursors it was computed from, and with them the
+     * subscribers' finished copies */
+    sg_store_release(&t->hdr->floor, low);
     return low;
 }
 
+/* One attempt at publishing. SG__STUCK when a subscriber (lossless) or the
+ * previous lap's publisher holds the cell; with `recover`, dead ones are
+ * removed or skipped, and a live subscriber gives SG__EMPTY (sleep on
+ * `advanced`; the next spin re-checks for dead ones). The claim mutex is
+ * held only from the claim record to the publish. */
 static int64_t sg__topic_try_publish(sg_topic *t, const char *data, size_t len, int recover)
 {
     sg_topic_hdr *h = t->hdr;
-    int rc = sg__claim_begin(t->g);
-    if (rc)
-        return rc;
-    int64_t result;
     for (;;) {
         /* SYNC POINT: topic-join (publisher): the tail before the floor */
         uint64_t q = sg_load_seq_cst(&h->tail);
-        if (t->lossless && q >= t->cap && sg_load_relaxed(&h->floor) <= q - t->cap &&
-            sg__topic_scan(t, q, recover) <= q - t->cap) {
-            /* A subscriber still needs message q - cap. Stuck, not empty:
-             * the wait loop then rescans with recover, which removes the
-             * subscriber if its process is dead. */
-            result = SG__STUCK;
-            break;
-        }
+        if (t->lossless && q >= t->cap && sg_load_acquire(&h->floor) <= q - t->cap &&
+            sg__topic_scan(t, q, recover) <= q - t->cap)
+            return recover ? SG__EMPTY : SG__STUCK; /* a subscriber still needs message q - cap */
         sg_cell *c = sg__tcell(t, q);
         uint64_t s = sg_load_acquire(&c->seq);
         if (s >= SG_TOPIC_WRITING(q))
@@ -186,32 +187,36 @@ static int64_t sg__topic_try_publish(sg_topic *t, const char *data, size_t len, 
         if (q >= t->cap && s != SG_TOPIC_PUB(q - t->cap) && s != SG_TOPIC_SKIP(q - t->cap)) {
             /* The publisher of q - cap claimed it and has not finished. */
             uint64_t prev = q - t->cap;
-            if (!recover || sg__claim_live(t->g, SG_CLAIM(t->obj, SG_CLAIM_PUBLISH), prev)) {
-                result = SG__STUCK;
-                break;
-            }
+            if (!recover || sg__claim_live(t->g, SG_CLAIM(t->obj, SG_CLAIM_PUBLISH), prev))
+                return SG__STUCK;
             if (sg_cas_acq_rel(&c->seq, &s, SG_TOPIC_SKIP(prev)))
                 sg_fetch_add_relaxed(&h->skipped, 1);
             continue;
         }
+        int rc = sg__claim_begin(t->g);
+        if (rc)
+            return rc;
         sg__claim_set(t->g, SG_CLAIM(t->obj, SG_CLAIM_PUBLISH), q, q + 1);
-        if (!sg_cas_seq_cst(&h->tail, &q, q + 1))
+        if (!sg_cas_seq_cst(&h->tail, &q, q + 1)) {
+            sg__claim_end(t->g);
             continue;
+        }
         /* A seqlock write: lossy subscribers may be copying the cell's old
-         * message and find out from seq that it changed under them. */
+         * message and find out from seq that it changed under them.
+         * SYNC POINT: block-reuse (writer): WRITING is ordered before the
+         * payload words by the release fence, as after a block allocation. */
         sg_store_relaxed(&c->seq, SG_TOPIC_WRITING(q));
         sg_fence_release();
         sg_copy_in(c->data, data, len);
         sg_store_relaxed(&c->len, len);
         /* SYNC POINT: topic-publish (release): the message is complete */
         sg_store_release(&c->seq, SG_TOPIC_PUB(q));
-        result = 1;
-        break;
+        sg__claim_end(t->g);
+        /* subscribers wait on published; a publisher stuck behind this
+         * cell (the previous lap of another publisher) waits on advanced */
+        sg__event_signal2(&h->published, &h->advanced);
+        return 1;
     }
-    sg__claim_end(t->g);
-    if (result > 0)
-        sg__event_signal(&h->published);
-    return result;
 }
 
 struct sg__pub_op {
@@ -263,8 +268,10 @@ int sg_topic_publish(sg_topic *t, const char *data, size_t len, int64_t timeout_
 int sg_topic_subscribe(sg_topic *t, sg_sub **out)
 {
     SG_CHECK_GRID(t->g);
-    if (t->g->slot >= SG_PROC_SLOTS)
-        return sg__fail(SG_EPROCFULL, "this process has no slot in the process table; cannot subscribe");
+    int rc = sg__claim_begin(t->g); /* takes our own slot in a forked child */
+    if (rc)
+        return rc;
+    sg__claim_end(t->g);
     sg_sub *s = calloc(1, sizeof *s);
     if (!s)
         return sg__fail(SG_ENOMEM, "out of process memory");
@@ -364,7 +371,8 @@ static int64_t sg__sub_step(void *ctx, int recover)
             /* A later lap overwrote message c: it was claimed for c + cap at
              * least, so tail > c + cap. Go to the oldest message that may
              * still be there. */
-            uint64_t nc = sg_load_acquire(&t->hdr->tail) - t->cap;
+            uint64_t tail = sg_load_acquire(&t->hdr->tail), p = (s >> 2) + 1;
+            uint64_t nc = (tail > p ? tail : p) - t->cap; /* the tail may lag the seq we saw */
             *op->lost = nc - c;
             sg__sub_advance(sub, nc);
             return sg__fail(SG_ELAPPED, "subscriber was lapped: %llu messages lost", (unsigned long long)(nc - c));

@@ -46,13 +46,30 @@ static void sg__child_after_fork(void)
 
 static void sg__register_atfork(void) { pthread_atfork(NULL, NULL, sg__child_after_fork); }
 
+unsigned sg__fork_generation(void)
+{
+    pthread_once(&sg__atfork_once, sg__register_atfork);
+    return __atomic_load_n(&sg__fork_gen, __ATOMIC_RELAXED);
+}
+
+int sg__check_fork(sg_grid *g)
+{
+    if (__builtin_expect(g->fork_gen == __atomic_load_n(&sg__fork_gen, __ATOMIC_RELAXED), 1))
+        return SG_OK;
+    /* The parent's slot, word and claim record are the parent's: sharing
+     * them would let the parent's claim_end clear our claims. */
+    return sg_grid_after_fork(g);
+}
+
 uint64_t sg__thread_word(void)
 {
     static _Thread_local uint64_t word;
     static _Thread_local unsigned gen;
     pthread_once(&sg__atfork_once, sg__register_atfork);
     unsigned now = __atomic_load_n(&sg__fork_gen, __ATOMIC_RELAXED);
-    if (!word || gen != now) {
+    if (!word || gen != now || !(word >> SG_PW_PID_BITS)) {
+        /* a word whose start time could not be read is not cached: the
+         * next call tries /proc again */
         word = sg__task_word((uint32_t)syscall(SYS_gettid));
         gen = now;
     }
@@ -66,17 +83,24 @@ static sg_proc *sg__proc(sg_grid *g, uint32_t i) { return (sg_proc *)(g->base + 
 
 int sg__claim_begin(sg_grid *g)
 {
-    if (g->slot >= SG_PROC_SLOTS)
-        return sg__fail(SG_EPROCFULL, "this process has no slot in the process table of grid '%s' (it was full "
-                                      "when it attached), so it cannot claim ring cells safely", g->name);
-    pthread_once(&sg__atfork_once, sg__register_atfork);
     pthread_mutex_lock(&sg__claim_mutex);
-    return SG_OK;
+    int rc = sg__check_fork(g);
+    if (!rc && g->slot >= SG_PROC_SLOTS)
+        rc = sg__fail(SG_EPROCFULL, "this process has no slot in the process table of grid '%s' (it was full "
+                                    "when it attached), so it cannot claim ring cells safely", g->name);
+    if (rc)
+        pthread_mutex_unlock(&sg__claim_mutex);
+    return rc;
 }
 
 void sg__claim_set(sg_grid *g, uint64_t claim, uint64_t lo, uint64_t hi)
 {
     sg_proc *me = sg__proc(g, g->slot);
+    /* SYNC POINT: claim-reuse (release fence): the cells of our previous
+     * claim and its clearing are visible to whoever sees the new lo/hi, so
+     * a checker that reads a mix of old and new record fields and decides
+     * to skip finds the old cells finished and its skip-CAS fails. */
+    sg_fence_release();
     sg_store_relaxed(&me->claim_lo, lo);
     sg_store_relaxed(&me->claim_hi, hi);
     /* SYNC POINT: claim-record (release): lo and hi are visible to whoever
@@ -106,6 +130,7 @@ int sg__claim_live(sg_grid *g, uint64_t claim, uint64_t q)
         if (sg_load_acquire(&p->claim_obj) != claim)
             continue;
         uint64_t lo = sg_load_relaxed(&p->claim_lo), hi = sg_load_relaxed(&p->claim_hi);
+        sg_fence_acquire(); /* SYNC POINT: claim-reuse (acquire fence) */
         /* A slot taken over meanwhile pairs the record with another owner:
          * read the owner again and look at the slot anew if it changed. */
         if (sg_load_acquire(&p->owner) != w) {
@@ -129,10 +154,9 @@ uint32_t sg__event_prepare(uint32_t *ev)
     return v;
 }
 
-void sg__event_signal(uint32_t *ev)
+/* After the waker's seq_cst fence: wake the sleepers of ev, if it has any. */
+static void sg__event_wake(uint32_t *ev)
 {
-    /* SYNC POINT: event (waker): the change is stored; now look for W */
-    sg_fence_seq_cst();
     uint32_t v = sg_load32_relaxed(ev);
     if (!(v & SG_EVENT_WAITERS))
         return;
@@ -140,6 +164,20 @@ void sg__event_signal(uint32_t *ev)
     while ((v & SG_EVENT_WAITERS) && !sg_cas32_relaxed(ev, &v, v + 1))
         ;
     sg_futex_wake_all(ev);
+}
+
+void sg__event_signal(uint32_t *ev)
+{
+    /* SYNC POINT: event (waker): the change is stored; now look for W */
+    sg_fence_seq_cst();
+    sg__event_wake(ev);
+}
+
+void sg__event_signal2(uint32_t *a, uint32_t *b)
+{
+    sg_fence_seq_cst(); /* SYNC POINT: event (waker), one fence for both */
+    sg__event_wake(a);
+    sg__event_wake(b);
 }
 
 int sg__event_sleep(sg_grid *g, uint64_t obj, uint32_t *ev, uint32_t v, uint64_t deadline, int64_t slice_ns)
@@ -210,8 +248,11 @@ int sg__object_alloc(sg_grid *g, uint64_t bytes, void **payload, uint64_t *obj)
     if (rc)
         return rc;
     sg_block *b = (sg_block *)(g->base + off);
-    if (!fresh) /* carved memory is zero; recycled memory is not */
-        memset(b->payload, 0, bytes);
+    if (!fresh) /* carved memory is zero; recycled memory is not. Relaxed word
+                   stores: a stalled map reader may still be copying the block
+                   (SYNC POINT: block-reuse) */
+        for (uint64_t i = 0; i < (bytes + 7) / 8; i++)
+            sg_store_relaxed(&b->payload[i], 0);
     b->meta = SG_META(SG_META_CLASS(b->meta), SG_BLK_OBJECT, bytes);
     *payload = b->payload;
     *obj = off;

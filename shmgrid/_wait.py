@@ -1,11 +1,17 @@
 """Blocking calls in slices: C sleeps at most 100 ms per call, so a
 KeyboardInterrupt (or any signal handler) runs promptly while a Python
 caller waits, and the GIL is released while it sleeps (cffi drops it
-around every C call)."""
+around every C call).
+
+A blocking method makes its first C call directly (the fast path), with the
+first slice from ``start(timeout)``; only if that call could not proceed
+does it hand over to ``wait_more``, which keeps calling in slices until the
+deadline ``start`` computed."""
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from ._core import lib
 from .errors import InvalidArgument, raise_for
@@ -16,38 +22,30 @@ _EINTR = lib.SG_EINTR
 _monotonic = time.monotonic
 
 
-def check_timeout(timeout: Optional[float]) -> None:
+def start(timeout: Optional[float]) -> Tuple[Optional[float], int]:
+    """(deadline in monotonic seconds or None, nanoseconds for the first
+    C call) of a wait of ``timeout`` seconds (None or inf: no limit)."""
     if timeout is None:
-        return
+        return None, SLICE_NS
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout != timeout:
         raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if timeout < 0:
         raise InvalidArgument(f"timeout must be >= 0 or None, got {timeout!r}")
-
-
-def first_slice(timeout: Optional[float]) -> int:
-    """Nanoseconds for the first C call of a wait with ``timeout``."""
-    if timeout is None:
-        return SLICE_NS
-    check_timeout(timeout)
-    return min(int(timeout * 1e9), SLICE_NS)
-
-
-def deadline_of(timeout: Optional[float]) -> Optional[float]:
-    check_timeout(timeout)
-    return None if timeout is None else _monotonic() + timeout
+    if math.isinf(timeout):
+        return None, SLICE_NS
+    return _monotonic() + timeout, SLICE_NS if timeout >= 0.1 else int(timeout * 1e9)
 
 
 def until(call: Callable[[int], Any], deadline: Optional[float], on_timeout: Callable[[], Exception]) -> Any:
     """Call ``call(ns)`` in slices until it returns a result >= 0; raise
-    ``on_timeout()`` once ``deadline`` (monotonic seconds, None: never) has
-    passed with the call still unable to proceed."""
+    ``on_timeout()`` once ``deadline`` has passed with the call still unable
+    to proceed."""
     while True:
         if deadline is None:
             ns = SLICE_NS
         else:
             left = deadline - _monotonic()
-            ns = 0 if left <= 0 else min(int(left * 1e9), SLICE_NS)
+            ns = 0 if left <= 0 else SLICE_NS if left >= 0.1 else int(left * 1e9)
         rc = call(ns)
         if rc >= 0:
             return rc
@@ -59,12 +57,11 @@ def until(call: Callable[[int], Any], deadline: Optional[float], on_timeout: Cal
         # EINTR: a pending KeyboardInterrupt is raised here, between bytecodes
 
 
-def wait_more(call: Callable[[int], Any], rc: Any, timeout: Optional[float], on_timeout: Callable[[], Exception]) -> Any:
-    """Carry on a wait whose first call, ``first_slice(timeout)`` long,
-    returned ``rc`` (< 0)."""
+def wait_more(call: Callable[[int], Any], rc: Any, deadline: Optional[float],
+              on_timeout: Callable[[], Exception]) -> Any:
+    """Carry on a wait whose first call returned ``rc`` (< 0)."""
     if rc != _EAGAIN and rc != _EINTR:
         raise_for(rc)
-    if timeout is not None and rc == _EAGAIN and timeout * 1e9 <= SLICE_NS:
-        raise on_timeout()  # the first slice was the whole timeout
-    left = None if timeout is None else max(0.0, timeout - first_slice(timeout) / 1e9)
-    return until(call, None if left is None else _monotonic() + left, on_timeout)
+    if rc == _EAGAIN and deadline is not None and _monotonic() >= deadline:
+        raise on_timeout()
+    return until(call, deadline, on_timeout)

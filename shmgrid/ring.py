@@ -16,7 +16,7 @@ from itertools import accumulate
 from typing import Any, Dict, Iterable, List, Optional
 
 from ._core import ffi, lib
-from ._wait import deadline_of, first_slice, until, wait_more
+from ._wait import SLICE_NS, start, until, wait_more
 from .errors import Empty, Full, InvalidArgument, raise_for
 from .grid import cname
 
@@ -147,10 +147,10 @@ class Ring:
         if it is over ``slot_size``."""
         p = data if type(data) is bytes else _payload(data)
         h = self._h
-        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
         rc = _put(h, p, len(p), ns)
         if rc:
-            wait_more(lambda n: _put(h, p, len(p), n), rc, timeout, lambda: Full(f"ring {self._name!r} is full"))
+            wait_more(lambda n: _put(h, p, len(p), n), rc, deadline, lambda: Full(f"ring {self._name!r} is full"))
 
     def put_nowait(self, data: Any) -> None:
         """Enqueue ``data`` or raise Full at once."""
@@ -167,7 +167,7 @@ class Ring:
         enqueued: all of them, or on timeout the first n (raises Full if
         none). Every length is checked first: an item over ``slot_size``
         raises ValueTooLarge and nothing is enqueued."""
-        deadline = deadline_of(timeout)
+        deadline = start(timeout)[0]
         blobs = [x if type(x) is bytes else bytes(_payload(x)) for x in items]
         n = len(blobs)
         if n == 0:
@@ -197,9 +197,10 @@ class Ring:
         no limit). Raises Empty on timeout."""
         b = self._buf
         h, buf, cap = self._h, b.one, self._slot_size
-        n = _get(h, buf, cap, 100_000_000 if timeout is None else first_slice(timeout))
+        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
+        n = _get(h, buf, cap, ns)
         if n < 0:
-            n = wait_more(lambda t: _get(h, buf, cap, t), n, timeout, lambda: Empty(f"ring {self._name!r} is empty"))
+            n = wait_more(lambda t: _get(h, buf, cap, t), n, deadline, lambda: Empty(f"ring {self._name!r} is empty"))
         return b.view[0:n]  # type: ignore[no-any-return]
 
     def get_nowait(self) -> bytes:
@@ -218,7 +219,7 @@ class Ring:
         Raises Empty if none arrived in time."""
         if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items <= 0:
             raise TypeError(f"max_items must be a positive int, got {max_items!r}")
-        deadline = deadline_of(timeout)
+        deadline = start(timeout)[0]
         m = min(max_items, self._slots)
         buf, lens = self._buf.for_many(m, self._slot_size)
         h, cap = self._h, m * self._slot_size

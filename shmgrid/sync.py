@@ -18,8 +18,8 @@ import threading
 from typing import Any, Dict, Optional
 
 from ._core import ffi, lib
-from ._wait import first_slice, wait_more
-from .errors import Busy, InvalidArgument, LockOwnerDied, raise_for
+from ._wait import SLICE_NS, start, wait_more
+from .errors import InvalidArgument, LockOwnerDied, raise_for
 from .grid import cname
 
 __all__ = ["Counter", "Lock"]
@@ -35,6 +35,10 @@ def _i64(arg: str, v: Any) -> int:
     if not _I64_MIN <= v <= _I64_MAX:
         raise InvalidArgument(f"{arg} {v} is outside the int64 range")
     return v
+
+
+class _TimedOut(Exception):
+    pass
 
 
 class _Out(threading.local):
@@ -139,12 +143,12 @@ class Lock:
         0: do not wait). True if taken, False on timeout. Sets
         ``owner_died`` (see the module doc)."""
         h = self._h
-        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
         rc = lib.sg_lock_acquire(h, ns)
         if rc < 0:
             try:
-                rc = wait_more(lambda t: lib.sg_lock_acquire(h, t), rc, timeout, lambda: Busy("timed out"))
-            except Busy:
+                rc = wait_more(lambda t: lib.sg_lock_acquire(h, t), rc, deadline, lambda: _TimedOut())
+            except _TimedOut:
                 return False
         self.owner_died = rc == _OWNERDIED
         if self.owner_died and raise_if_owner_died:

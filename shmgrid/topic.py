@@ -15,11 +15,12 @@ usefully across fork) and is used by one thread at a time.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Iterator, Optional
 
 from ._core import ffi, lib
-from ._wait import first_slice, wait_more
-from .errors import Closed, Empty, Full, InvalidArgument, Lapped, raise_for
+from ._wait import SLICE_NS, start, wait_more
+from .errors import Busy, Closed, Empty, Full, InvalidArgument, Lapped, raise_for
 from .grid import cname
 from .ring import _payload, _positive
 
@@ -105,10 +106,10 @@ class Topic:
         never waits for subscribers. ValueTooLarge if over ``max_message``."""
         p = data if type(data) is bytes else _payload(data)
         h = self._h
-        ns = 100_000_000 if timeout is None else first_slice(timeout)
+        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
         rc = _publish(h, p, len(p), ns)
         if rc:
-            wait_more(lambda n: _publish(h, p, len(p), n), rc, timeout,
+            wait_more(lambda n: _publish(h, p, len(p), n), rc, deadline,
                       lambda: Full(f"topic {self._name!r} is full: a subscriber is behind"))
 
     def subscribe(self) -> "Subscription":
@@ -122,65 +123,90 @@ class Topic:
 
 class Subscription:
     """One subscriber of a Topic. Iterate it, or call ``get``. ``close()``
-    (or leaving a ``with`` block) stops publishers waiting for it."""
+    (or leaving a ``with`` block) stops publishers waiting for it.
 
-    __slots__ = ("_topic", "_h", "_buf", "_cap", "_lost", "__weakref__")
+    One thread at a time: a call while another thread is inside ``get``
+    raises Busy (sharing one cursor between threads would deliver some
+    messages twice and others never). ``close()`` may come from any thread:
+    a ``get`` blocked in another thread then raises Closed within 0.1 s."""
+
+    __slots__ = ("_topic", "_h", "_buf", "_view", "_cap", "_lost", "_lock", "_closing", "__weakref__")
+    _h: Any
 
     def __init__(self, topic: Topic, handle: Any) -> None:
         self._topic = topic
         self._h = ffi.gc(handle, lib.sg_sub_free)
         self._cap = topic.max_message
         self._buf = ffi.new("char[]", max(1, self._cap))
+        self._view = ffi.buffer(self._buf)
         self._lost = ffi.new("uint64_t *")
+        self._lock = threading.Lock()
+        self._closing = False
 
-    def _handle(self) -> Any:
+    def _enter(self) -> Any:
+        if not self._lock.acquire(blocking=False):
+            if self._closing:
+                raise Closed("subscription is being closed")
+            raise Busy("subscription is in use by another thread: use one subscription per thread")
         if self._h is None:
+            self._lock.release()
             raise Closed("subscription is closed")
         return self._h
 
     def get(self, timeout: Optional[float] = None) -> bytes:
         """The next message, waiting up to ``timeout`` seconds (None: no
-        limit); Empty on timeout; Lapped (lossy topics) when messages were
-        lost: the next call returns the oldest message still retained."""
-        h, buf, cap, lost = self._handle(), self._buf, self._cap, self._lost
+        limit); Empty on timeout. On a lossy topic, Lapped when messages
+        were overwritten before this subscriber read them (``.lost`` counts
+        positions, including any whose publisher died mid-publish); the next
+        call returns the oldest message still retained."""
+        h = self._enter()
+        try:
+            buf, cap, lost = self._buf, self._cap, self._lost
 
-        def step(ns: int) -> int:
-            n = _sub_get(h, buf, cap, ns, lost)
-            if n == _ELAPPED:
-                raise Lapped(lost[0])
-            return n  # type: ignore[no-any-return]
+            def step(ns: int) -> int:
+                if self._closing:
+                    raise Closed("subscription was closed by another thread")
+                n = _sub_get(h, buf, cap, ns, lost)
+                if n == _ELAPPED:
+                    raise Lapped(lost[0])
+                return n  # type: ignore[no-any-return]
 
-        n = step(100_000_000 if timeout is None else first_slice(timeout))
-        if n < 0:
-            n = wait_more(step, n, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))
-        return _unpack(buf, n)  # type: ignore[no-any-return]
+            deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
+            n = step(ns)
+            if n < 0:
+                n = wait_more(step, n, deadline, lambda: Empty(f"no message on topic {self._topic.name!r}"))
+            return self._view[0:n]  # type: ignore[no-any-return]
+        finally:
+            self._lock.release()
 
     def get_nowait(self) -> bytes:
         """The next message, or Empty at once (Lapped as for get)."""
-        n = _sub_get(self._handle(), self._buf, self._cap, 0, self._lost)
-        if n < 0:
-            if n == _EAGAIN:
-                raise Empty(f"no message on topic {self._topic.name!r}")
-            if n == _ELAPPED:
-                raise Lapped(self._lost[0])
-            raise_for(n)
-        return _unpack(self._buf, n)  # type: ignore[no-any-return]
+        return self.get(0)
 
     def pending(self) -> int:
         """Messages published that this subscription has not read yet."""
-        return lib.sg_sub_pending(self._handle())  # type: ignore[no-any-return]
+        h = self._enter()
+        try:
+            return lib.sg_sub_pending(h)  # type: ignore[no-any-return]
+        finally:
+            self._lock.release()
 
-    def __iter__(self) -> Iterator[bytes]:
-        """Messages as they come, blocking; ends only by an exception (Lapped
-        can be caught and iteration resumed)."""
-        while True:
-            yield self.get()
+    def __iter__(self) -> "Subscription":
+        """Messages as they come, blocking. Iteration ends only by an
+        exception; after Lapped, iterating again carries on."""
+        return self
+
+    def __next__(self) -> bytes:
+        return self.get()
 
     def close(self) -> None:
-        """Leave the topic. Idempotent."""
-        if self._h is not None:
-            h, self._h = self._h, None
-            ffi.release(h)
+        """Leave the topic (publishers stop waiting for this subscriber).
+        Idempotent; safe from another thread than the one in ``get``."""
+        self._closing = True
+        with self._lock:  # a get in another thread leaves within one slice
+            if self._h is not None:
+                h, self._h = self._h, None
+                ffi.release(h)
 
     def __enter__(self) -> "Subscription":
         return self
