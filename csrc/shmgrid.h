@@ -299,8 +299,9 @@ void sg_sub_free(sg_sub *s);
  * messages it missed (lossy mode: it now continues from the oldest one
  * retained), or another negative error. */
 int64_t sg_sub_get(sg_sub *s, char *out, size_t cap, int64_t timeout_ns, uint64_t *lost);
-/* Messages published and not yet read by this subscription. */
-uint64_t sg_sub_pending(sg_sub *s);
+/* Messages published and not yet read by this subscription, or a negative
+ * error. */
+int64_t sg_sub_pending(sg_sub *s);
 
 int sg_counter_open(sg_grid *g, const char *name, sg_counter **out);
 void sg_counter_free(sg_counter *c);

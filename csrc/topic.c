@@ -256,7 +256,8 @@ int sg_topic_publish(sg_topic *t, const char *data, size_t len, int64_t timeout_
     sg__waiter w = {
         .g = t->g, .obj = t->obj, .event = &t->hdr->advanced, .spin = &t->spin,
         .step = sg__pub_step, .ready = sg__pub_ready, .ctx = &op,
-        .what = "topic is full: a subscriber is behind",
+        .what = "topic is full: a subscriber is a whole capacity behind, or the publisher of the message one "
+                "capacity back is still writing it",
     };
     int64_t rc = sg__wait(&w, timeout_ns);
     return rc > 0 ? SG_OK : (int)rc;
@@ -414,12 +415,11 @@ int64_t sg_sub_get(sg_sub *s, char *out, size_t cap, int64_t timeout_ns, uint64_
     return sg__wait(&w, timeout_ns);
 }
 
-uint64_t sg_sub_pending(sg_sub *s)
+int64_t sg_sub_pending(sg_sub *s)
 {
-    if (!s->t->g->base)
-        return 0;
+    SG_CHECK_GRID(s->t->g);
     uint64_t tail = sg_load_acquire(&s->t->hdr->tail);
-    return tail > s->cursor ? tail - s->cursor : 0;
+    return (int64_t)(tail > s->cursor ? tail - s->cursor : 0);
 }
 
 int sg_topic_info_get(sg_topic *t, sg_topic_info *out)

@@ -36,6 +36,12 @@ def _payload(data: Any) -> Any:
     raise TypeError(f"messages are bytes-like, not {type(data).__name__}")
 
 
+def _blob(data: Any) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"messages are bytes-like, not {type(data).__name__}")
+
+
 def _positive(arg: str, v: Optional[int]) -> int:
     if v is None:
         return 0
@@ -168,7 +174,7 @@ class Ring:
         none). Every length is checked first: an item over ``slot_size``
         raises ValueTooLarge and nothing is enqueued."""
         deadline = start(timeout)[0]
-        blobs = [x if type(x) is bytes else bytes(_payload(x)) for x in items]
+        blobs = [x if type(x) is bytes else _blob(x) for x in items]
         n = len(blobs)
         if n == 0:
             return 0

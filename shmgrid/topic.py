@@ -103,14 +103,18 @@ class Topic:
     def publish(self, data: Any, timeout: Optional[float] = None) -> None:
         """Publish ``data``. Lossless: waits up to ``timeout`` seconds (None:
         no limit) for the slowest live subscriber, then raises Full; lossy:
-        never waits for subscribers. ValueTooLarge if over ``max_message``."""
+        never waits for subscribers. Either way it waits for another
+        publisher that claimed the position one ``capacity`` back and is
+        still writing it (rare, unless there are about as many publishers as
+        ``capacity``). ValueTooLarge if over ``max_message``."""
         p = data if type(data) is bytes else _payload(data)
         h = self._h
         deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
         rc = _publish(h, p, len(p), ns)
         if rc:
             wait_more(lambda n: _publish(h, p, len(p), n), rc, deadline,
-                      lambda: Full(f"topic {self._name!r} is full: a subscriber is behind"))
+                      lambda: Full(f"topic {self._name!r} is full: a subscriber is a whole capacity behind, "
+                                   "or another publisher is still writing the message one capacity back"))
 
     def subscribe(self) -> "Subscription":
         """A new subscription: it sees every message published from now on."""
@@ -187,7 +191,10 @@ class Subscription:
         """Messages published that this subscription has not read yet."""
         h = self._enter()
         try:
-            return lib.sg_sub_pending(h)  # type: ignore[no-any-return]
+            n = lib.sg_sub_pending(h)
+            if n < 0:
+                raise_for(n)
+            return n  # type: ignore[no-any-return]
         finally:
             self._lock.release()
 
