@@ -22,7 +22,7 @@ struct sg_ring {
     uint32_t slot_size;
     uint32_t stride;
     uint64_t obj;   /* offset of the header block: names the ring in claim records */
-    uint32_t spin;  /* adaptive spin budget (relaxed: a hint shared by threads) */
+    uint32_t spin;  /* adaptive spin budget in ns (relaxed: a hint shared by threads) */
 };
 
 static inline sg_cell *sg__cell(const sg_ring *r, uint64_t q) { return (sg_cell *)(r->cells + (q % r->slots) * r->stride); }
@@ -84,7 +84,7 @@ int sg_ring_open(sg_grid *g, const char *name, uint64_t slots, uint32_t slot_siz
     r->slot_size = h->slot_size;
     r->stride = h->stride;
     r->obj = e->obj;
-    r->spin = SG_SPIN_MIN * 8;
+    r->spin = SG_SPIN_START_NS;
     sg_ref_inc(&g->refs);
     *out = r;
     return SG_OK;
@@ -390,4 +390,51 @@ int sg_ring_validate(sg_ring *r)
     if (sg_load_acquire(&h->head) != head || sg_load_acquire(&h->tail) != tail)
         return sg__fail(SG_EBUSY, "ring changed during validation");
     return SG_OK;
+}
+
+sg_ring_io *sg_ring_io_new(sg_ring *r, size_t max_items)
+{
+    if (max_items == 0)
+        max_items = 1;
+    sg_ring_io *io = calloc(1, sizeof *io);
+    if (!io)
+        return NULL;
+    io->ring = r;
+    io->max_items = max_items;
+    io->buf = malloc(max_items * (r->slot_size ? r->slot_size : 1));
+    io->lens = malloc(max_items * sizeof *io->lens);
+    if (!io->buf || !io->lens) {
+        sg_ring_io_free(io);
+        return NULL;
+    }
+    return io;
+}
+
+void sg_ring_io_free(sg_ring_io *io)
+{
+    if (!io)
+        return;
+    free(io->buf);
+    free(io->lens);
+    free(io);
+}
+
+int64_t sg_ring_io_get(sg_ring_io *io, int64_t timeout_ns)
+{
+    return sg_ring_get(io->ring, io->buf, io->ring->slot_size, timeout_ns);
+}
+
+int64_t sg_ring_io_get_many(sg_ring_io *io, size_t max, int64_t timeout_ns)
+{
+    if (max > io->max_items)
+        max = io->max_items;
+    int64_t n = sg_ring_get_many(io->ring, io->buf, max * io->ring->slot_size, io->lens, max, timeout_ns);
+    if (n > 0) {
+        uint32_t u = io->lens[0];
+        for (int64_t i = 1; i < n && u != UINT32_MAX; i++)
+            if (io->lens[i] != u)
+                u = UINT32_MAX;
+        io->uniform = u;
+    }
+    return n;
 }

@@ -21,8 +21,11 @@
 /* errors                                                                    */
 
 static _Thread_local char sg__errbuf[512];
+/* A constant message set by sg__fail_const, shown instead of the buffer:
+ * a non-blocking call that finds a ring empty should not pay for printf. */
+static _Thread_local const char *sg__errconst;
 
-const char *sg_errmsg(void) { return sg__errbuf; }
+const char *sg_errmsg(void) { return sg__errconst ? sg__errconst : sg__errbuf; }
 
 int sg__fail(int code, const char *fmt, ...)
 {
@@ -30,6 +33,13 @@ int sg__fail(int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(sg__errbuf, sizeof sg__errbuf, fmt, ap);
     va_end(ap);
+    sg__errconst = NULL;
+    return code;
+}
+
+int sg__fail_const(int code, const char *msg)
+{
+    sg__errconst = msg;
     return code;
 }
 

@@ -34,6 +34,7 @@ struct sg_map {
 
 /* ---- errors: a per-thread message naming the cause ---- */
 int sg__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int sg__fail_const(int code, const char *msg); /* msg: a string constant */
 
 #define SG_CHECK_GRID(g)                                                                                     \
     do {                                                                                                     \
@@ -102,8 +103,13 @@ int sg__check_name(const char *name, size_t max, const char *what);
 #define SG__EMPTY (-100) /* nothing to take / no room */
 #define SG__STUCK (-101) /* blocked behind a claimed, unfinished cell */
 
-#define SG_SPIN_MIN 16u
-#define SG_SPIN_MAX 4096u
+/* Spin budgets, in ns of waiting before sleeping. A cross-process hand-off
+ * seen by spinning costs ~1 us; a futex wake-up of a sleeper 5-90 us. The
+ * floor stays above one Python round trip, so that a ping-pong whose spins
+ * once failed (load on the machine) can find its way back to spinning. */
+#define SG_SPIN_MIN_NS 8000u
+#define SG_SPIN_MAX_NS 128000u
+#define SG_SPIN_START_NS 32000u
 
 static inline uint64_t sg__obj_off(const sg_grid *g, const void *p) { return (uint64_t)((const uint8_t *)p - g->base); }
 
@@ -137,14 +143,12 @@ void sg__event_signal2(uint32_t *a, uint32_t *b); /* both, with one fence */
 int sg__event_sleep(sg_grid *g, uint64_t obj, uint32_t *ev, uint32_t v, uint64_t deadline, int64_t slice_ns);
 /* Live processes with a thread asleep on obj. */
 uint32_t sg__waiters(sg_grid *g, uint64_t obj);
-/* Adapt a spin budget: grow when spinning found the condition, shrink when
- * the waiter had to sleep. */
-static inline void sg__spin_adapt(uint32_t *spin, int found)
-{
-    uint32_t s = sg_load32_relaxed(spin); /* a hint shared by the handle's threads */
-    s = found ? (s < SG_SPIN_MAX ? s * 2 : s) : (s > SG_SPIN_MIN ? s / 2 : s);
-    sg_store32_relaxed(spin, s);
-}
+/* Spin until ready(ctx) or *budget_ns has passed: PAUSE for the first
+ * 2 us, then sched_yield between looks (if the other party shares our CPU,
+ * it gets to run). The budget, a hint shared by the handle's threads,
+ * doubles when spinning found the condition and halves when it did not,
+ * within [SG_SPIN_MIN_NS, SG_SPIN_MAX_NS]. Returns whether it was found. */
+int sg__spin(uint32_t *budget_ns, int (*ready)(void *ctx), void *ctx);
 
 /* Objects: allocate a zeroed OBJECT block; find and check one. */
 int sg__object_alloc(sg_grid *g, uint64_t bytes, void **payload, uint64_t *obj);

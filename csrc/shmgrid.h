@@ -261,6 +261,24 @@ int64_t sg_ring_put_many(sg_ring *r, const char *data, const uint32_t *lens, siz
  * lengths into lens, waiting until at least one is there. Returns how many. */
 int64_t sg_ring_get_many(sg_ring *r, char *out, size_t cap, uint32_t *lens, size_t max, int64_t timeout_ns);
 int sg_ring_info_get(sg_ring *r, sg_ring_info *out);
+
+/* A per-thread call context for the consumer's hot paths (as sg_io for
+ * maps): fewer arguments for cffi to convert, and the lengths of a batch. */
+typedef struct sg_ring_io {
+    sg_ring *ring;
+    char *buf;          /* max_items * slot_size bytes, owned by the io */
+    uint32_t *lens;     /* max_items lengths, owned by the io */
+    size_t max_items;
+    uint32_t uniform;   /* out of sg_ring_io_get_many: the length all the messages
+                           had, or UINT32_MAX if they differ */
+} sg_ring_io;
+
+sg_ring_io *sg_ring_io_new(sg_ring *r, size_t max_items);
+void sg_ring_io_free(sg_ring_io *io);
+/* sg_ring_get into io->buf. */
+int64_t sg_ring_io_get(sg_ring_io *io, int64_t timeout_ns);
+/* sg_ring_get_many of up to min(max, io->max_items) into io->buf / io->lens. */
+int64_t sg_ring_io_get_many(sg_ring_io *io, size_t max, int64_t timeout_ns);
 /* Messages claimed by producers and not yet by consumers (0..slots), or a
  * negative error. */
 int64_t sg_ring_depth(sg_ring *r);

@@ -135,7 +135,7 @@ int sg_lock_open(sg_grid *g, const char *name, sg_lock **out)
     l->g = g;
     l->hdr = p;
     l->obj = obj;
-    l->spin = SG_SPIN_MIN * 8;
+    l->spin = SG_SPIN_START_NS;
     sg_ref_inc(&g->refs);
     *out = l;
     return SG_OK;
@@ -171,6 +171,8 @@ static int sg__lock_try(sg_lock *l, uint64_t me, int check_dead)
     return SG_OWNERDIED;
 }
 
+static int sg__lock_free_now(void *hdr) { return sg_load_relaxed(&((sg_lock_hdr *)hdr)->owner) == 0; }
+
 int sg_lock_acquire(sg_lock *l, int64_t timeout_ns)
 {
     SG_CHECK_GRID(l->g);
@@ -183,14 +185,8 @@ int sg_lock_acquire(sg_lock *l, int64_t timeout_ns)
         return sg__fail(SG_EDEADLK, "this thread already holds the lock (it is not reentrant)");
     uint64_t deadline = sg__deadline(timeout_ns);
     for (;;) {
-        uint32_t budget = timeout_ns == 0 ? 0 : sg_load32_relaxed(&l->spin);
-        int found = 0;
-        for (uint32_t i = 0; i < budget && !found; i++) {
-            sg_cpu_relax();
-            found = sg_load_relaxed(&h->owner) == 0;
-        }
-        if (budget)
-            sg__spin_adapt(&l->spin, found);
+        if (timeout_ns != 0)
+            sg__spin(&l->spin, sg__lock_free_now, h);
         if ((rc = sg__lock_try(l, me, 1)) != SG__EMPTY)
             return rc;
         if (timeout_ns == 0)

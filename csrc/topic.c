@@ -111,7 +111,7 @@ int sg_topic_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_
     t->lossless = h->lossless;
     t->max_subs = h->max_subs;
     t->obj = e->obj;
-    t->spin = SG_SPIN_MIN * 8;
+    t->spin = SG_SPIN_START_NS;
     t->refs = 1;
     sg_ref_inc(&g->refs);
     *out = t;
@@ -297,7 +297,7 @@ int sg_topic_subscribe(sg_topic *t, sg_sub **out)
             s->t = t;
             s->rec = r;
             s->cursor = c;
-            s->spin = SG_SPIN_MIN * 8;
+            s->spin = SG_SPIN_START_NS;
             sg_ref_inc(&t->refs);
             *out = s;
             return SG_OK;

@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -270,6 +271,30 @@ int sg__object_alloc(sg_grid *g, uint64_t bytes, void **payload, uint64_t *obj)
 /* A non-blocking call stuck behind a claimed cell spins this much before it
  * checks the claimant: a live one finishes within a few hundred ns. */
 #define SG_NOWAIT_SPIN 256u
+#define SG_SPIN_PAUSE_NS 2000u
+
+int sg__spin(uint32_t *budget_ns, int (*ready)(void *ctx), void *ctx)
+{
+    uint32_t budget = sg_load32_relaxed(budget_ns);
+    uint64_t t0 = sg__mono_ns(), spent = 0;
+    int found = 0;
+    for (uint32_t i = 1; !(found = ready(ctx)); i++) {
+        if (i % 16) {
+            sg_cpu_relax();
+            continue;
+        }
+        spent = sg__mono_ns() - t0;
+        if (spent >= budget)
+            break;
+        if (spent >= SG_SPIN_PAUSE_NS)
+            sched_yield();
+    }
+    uint32_t next = found ? (budget < SG_SPIN_MAX_NS / 2 ? budget * 2 : SG_SPIN_MAX_NS)
+                          : (budget > SG_SPIN_MIN_NS * 2 ? budget / 2 : SG_SPIN_MIN_NS);
+    if (next != budget)
+        sg_store32_relaxed(budget_ns, next);
+    return found;
+}
 
 int64_t sg__wait(const sg__waiter *w, int64_t timeout_ns)
 {
@@ -279,24 +304,22 @@ int64_t sg__wait(const sg__waiter *w, int64_t timeout_ns)
         int64_t got = w->step(w->ctx, recover);
         if (got != SG__EMPTY && got != SG__STUCK)
             return got;
-        int stuck = got == SG__STUCK;
-        uint32_t budget = timeout_ns == 0 ? (stuck && !recover ? SG_NOWAIT_SPIN : 0) : sg_load32_relaxed(w->spin);
-        int found = 0;
-        for (uint32_t i = 0; i < budget && !found; i++) {
-            sg_cpu_relax();
-            found = w->ready(w->ctx);
+        int stuck = got == SG__STUCK, found = 0;
+        if (timeout_ns == 0) {
+            if (!stuck || recover)
+                return sg__fail_const(SG_EAGAIN, w->what);
+            for (uint32_t i = 0; i < SG_NOWAIT_SPIN && !found; i++) {
+                sg_cpu_relax();
+                found = w->ready(w->ctx);
+            }
+            recover = 1; /* one more try, now checking for a dead claimant */
+            continue;
         }
-        if (timeout_ns != 0)
-            sg__spin_adapt(w->spin, found);
+        found = sg__spin(w->spin, w->ready, w->ctx);
         /* after a spin, a claimant still holding the cell gets checked */
         recover = stuck;
         if (found)
             continue;
-        if (timeout_ns == 0) {
-            if (stuck && budget)
-                continue; /* one more try, now checking for a dead claimant */
-            return sg__fail(SG_EAGAIN, "%s", w->what);
-        }
         uint32_t v = sg__event_prepare(w->event);
         if (w->ready(w->ctx))
             continue;

@@ -11,8 +11,8 @@ a consumer killed inside ``get`` loses the message it was taking
 from __future__ import annotations
 
 import array
+import struct
 import threading
-from itertools import accumulate
 from typing import Any, Dict, Iterable, List, Optional
 
 from ._core import ffi, lib
@@ -23,8 +23,10 @@ from .grid import cname
 __all__ = ["Ring"]
 
 _put = lib.sg_ring_put
-_get = lib.sg_ring_get
-_buffer = ffi.buffer
+_io_get = lib.sg_ring_io_get
+_io_get_many = lib.sg_ring_io_get_many
+_unpack_from = struct.unpack_from
+_MIXED = 0xFFFFFFFF
 _EAGAIN = lib.SG_EAGAIN
 
 
@@ -51,21 +53,26 @@ def _positive(arg: str, v: Optional[int]) -> int:
 
 
 class _Buffers(threading.local):
-    """Per-thread output buffers: cffi releases the GIL during C calls."""
+    """Per-thread output state (cffi releases the GIL during C calls, so
+    threads must not share it): an sg_ring_io with room for ``max_items``
+    messages, and a buffer view that copies out as bytes."""
 
-    def __init__(self, slot_size: int) -> None:
-        self.one = ffi.new("char[]", slot_size)
-        self.view = ffi.buffer(self.one)  # view[0:n] copies out as bytes
-        self.many: Any = None
-        self.lens: Any = None
-        self.many_max = 0
+    def __init__(self, h: Any, slot_size: int) -> None:
+        self.h, self.slot_size = h, slot_size
+        self._make(1)
 
-    def for_many(self, n: int, slot_size: int) -> Any:
-        if n > self.many_max:
-            self.many = ffi.new("char[]", n * slot_size)
-            self.lens = ffi.new("uint32_t[]", n)
-            self.many_max = n
-        return self.many, self.lens
+    def _make(self, max_items: int) -> None:
+        io = lib.sg_ring_io_new(self.h, max_items)
+        if io == ffi.NULL:
+            raise MemoryError(f"out of memory for a {max_items}-message ring buffer")
+        self.io = ffi.gc(io, lib.sg_ring_io_free)
+        self.view = ffi.buffer(io.buf, max_items * self.slot_size)
+        self.max_items = max_items
+
+    def for_many(self, n: int) -> Any:
+        if n > self.max_items:
+            self._make(n)
+        return self.io
 
 
 class Ring:
@@ -96,7 +103,7 @@ class Ring:
         info = ffi.new("sg_ring_info *")
         lib.sg_ring_info_get(r._h, info)
         r._slots, r._slot_size = info.slots, info.slot_size
-        r._buf = _Buffers(r._slot_size)
+        r._buf = _Buffers(r._h, r._slot_size)
         return r
 
     @property
@@ -151,17 +158,27 @@ class Ring:
         """Enqueue ``data``, waiting for room up to ``timeout`` seconds (None:
         no limit). Raises Full on timeout, ValueTooLarge (nothing enqueued)
         if it is over ``slot_size``."""
-        p = data if type(data) is bytes else _payload(data)
+        if type(data) is not bytes:
+            data = _payload(data)
+        if timeout is None:
+            rc = _put(self._h, data, len(data), SLICE_NS)
+            if rc:
+                self._put_more(data, rc, None)
+        else:
+            deadline, ns = start(timeout)
+            rc = _put(self._h, data, len(data), ns)
+            if rc:
+                self._put_more(data, rc, deadline)
+
+    def _put_more(self, p: Any, rc: int, deadline: Optional[float]) -> None:
         h = self._h
-        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
-        rc = _put(h, p, len(p), ns)
-        if rc:
-            wait_more(lambda n: _put(h, p, len(p), n), rc, deadline, lambda: Full(f"ring {self._name!r} is full"))
+        wait_more(lambda n: _put(h, p, len(p), n), rc, deadline, lambda: Full(f"ring {self._name!r} is full"))
 
     def put_nowait(self, data: Any) -> None:
         """Enqueue ``data`` or raise Full at once."""
-        p = data if type(data) is bytes else _payload(data)
-        rc = _put(self._h, p, len(p), 0)
+        if type(data) is not bytes:
+            data = _payload(data)
+        rc = _put(self._h, data, len(data), 0)
         if rc:
             if rc == _EAGAIN:
                 raise Full(f"ring {self._name!r} is full")
@@ -174,12 +191,21 @@ class Ring:
         none). Every length is checked first: an item over ``slot_size``
         raises ValueTooLarge and nothing is enqueued."""
         deadline = start(timeout)[0]
-        blobs = [x if type(x) is bytes else _blob(x) for x in items]
-        n = len(blobs)
+        if not isinstance(items, (list, tuple)):
+            items = list(items)
+        n = len(items)
         if n == 0:
             return 0
-        lens = array.array("I", map(len, blobs))
-        dp = ffi.from_buffer(b"".join(blobs))
+        try:  # the fast path: bytes-like items joined in C
+            joined = b"".join(items)
+            lens = array.array("I", map(len, items))
+        except TypeError:
+            joined = None
+        if joined is None or sum(lens) != len(joined):  # a str, or a memoryview of wider items
+            items = [_blob(x) for x in items]
+            joined = b"".join(items)
+            lens = array.array("I", map(len, items))
+        dp = ffi.from_buffer(joined)
         lp = ffi.from_buffer("uint32_t[]", lens)
         h = self._h
         done = off = 0
@@ -202,17 +228,25 @@ class Ring:
         """Dequeue the next message, waiting up to ``timeout`` seconds (None:
         no limit). Raises Empty on timeout."""
         b = self._buf
-        h, buf, cap = self._h, b.one, self._slot_size
-        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
-        n = _get(h, buf, cap, ns)
-        if n < 0:
-            n = wait_more(lambda t: _get(h, buf, cap, t), n, deadline, lambda: Empty(f"ring {self._name!r} is empty"))
+        if timeout is None:
+            n = _io_get(b.io, SLICE_NS)
+            if n < 0:
+                n = self._get_more(b.io, n, None)
+        else:
+            deadline, ns = start(timeout)
+            n = _io_get(b.io, ns)
+            if n < 0:
+                n = self._get_more(b.io, n, deadline)
         return b.view[0:n]  # type: ignore[no-any-return]
+
+    def _get_more(self, io: Any, n: int, deadline: Optional[float]) -> int:
+        return wait_more(lambda t: _io_get(io, t), n, deadline,  # type: ignore[no-any-return]
+                         lambda: Empty(f"ring {self._name!r} is empty"))
 
     def get_nowait(self) -> bytes:
         """Dequeue the next message or raise Empty at once."""
         b = self._buf
-        n = _get(self._h, b.one, self._slot_size, 0)
+        n = _io_get(b.io, 0)
         if n < 0:
             if n == _EAGAIN:
                 raise Empty(f"ring {self._name!r} is empty")
@@ -226,13 +260,15 @@ class Ring:
         if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items <= 0:
             raise TypeError(f"max_items must be a positive int, got {max_items!r}")
         deadline = start(timeout)[0]
+        b = self._buf
         m = min(max_items, self._slots)
-        buf, lens = self._buf.for_many(m, self._slot_size)
-        h, cap = self._h, m * self._slot_size
-        k = until(lambda ns: lib.sg_ring_get_many(h, buf, cap, lens, m, ns), deadline,
-                  lambda: Empty(f"ring {self._name!r} is empty"))
-        raw = _buffer(buf)[0:sum(lens[0:k])]
-        if k == 1:
-            return [raw]
-        ends = list(accumulate(lens[0:k]))
-        return list(map(raw.__getitem__, map(slice, [0] + ends[:-1], ends)))
+        io = b.for_many(m)
+        k = until(lambda ns: _io_get_many(io, m, ns), deadline, lambda: Empty(f"ring {self._name!r} is empty"))
+        # Split in C: one struct format of k byte strings, read straight
+        # out of the io buffer (struct caches compiled formats).
+        u = io.uniform
+        if u != _MIXED:
+            fmt = f"{u}s" * k
+        else:
+            fmt = "s".join(map(str, io.lens[0:k])) + "s"
+        return list(_unpack_from(fmt, b.view))

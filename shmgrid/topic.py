@@ -16,7 +16,7 @@ usefully across fork) and is used by one thread at a time.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from ._core import ffi, lib
 from ._wait import SLICE_NS, start, wait_more
