@@ -13,17 +13,8 @@
 #include <unistd.h>
 
 #include "../sg_internal.h"
+#include "check.h"
 
-static int failures;
-
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
-                    sg_errmsg());                                                                            \
-            failures++;                                                                                      \
-        }                                                                                                    \
-    } while (0)
 
 static void test_size_classes(void)
 {

@@ -17,17 +17,8 @@
 #include <unistd.h>
 
 #include "../sg_internal.h"
+#include "check.h"
 
-static int failures;
-
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
-                    sg_errmsg());                                                                            \
-            failures++;                                                                                      \
-        }                                                                                                    \
-    } while (0)
 
 /* The ring's header, reached the way a dead process would have left it. */
 static sg_ring_hdr *ring_hdr(sg_grid *g, const char *name)
