@@ -67,6 +67,7 @@ class _Buffers(threading.local):
             raise MemoryError(f"out of memory for a {max_items}-message ring buffer")
         self.io = ffi.gc(io, lib.sg_ring_io_free)
         self.view = ffi.buffer(io.buf, max_items * self.slot_size)
+        self.pair = (self.io, self.view)  # one thread-local lookup on the hot path
         self.max_items = max_items
 
     def for_many(self, n: int) -> Any:
@@ -227,17 +228,17 @@ class Ring:
     def get(self, timeout: Optional[float] = None) -> bytes:
         """Dequeue the next message, waiting up to ``timeout`` seconds (None:
         no limit). Raises Empty on timeout."""
-        b = self._buf
+        io, view = self._buf.pair
         if timeout is None:
-            n = _io_get(b.io, SLICE_NS)
+            n = _io_get(io, SLICE_NS)
             if n < 0:
-                n = self._get_more(b.io, n, None)
+                n = self._get_more(io, n, None)
         else:
             deadline, ns = start(timeout)
-            n = _io_get(b.io, ns)
+            n = _io_get(io, ns)
             if n < 0:
-                n = self._get_more(b.io, n, deadline)
-        return b.view[0:n]  # type: ignore[no-any-return]
+                n = self._get_more(io, n, deadline)
+        return view[0:n]  # type: ignore[no-any-return]
 
     def _get_more(self, io: Any, n: int, deadline: Optional[float]) -> int:
         return wait_more(lambda t: _io_get(io, t), n, deadline,  # type: ignore[no-any-return]
@@ -245,13 +246,13 @@ class Ring:
 
     def get_nowait(self) -> bytes:
         """Dequeue the next message or raise Empty at once."""
-        b = self._buf
-        n = _io_get(b.io, 0)
+        io, view = self._buf.pair
+        n = _io_get(io, 0)
         if n < 0:
             if n == _EAGAIN:
                 raise Empty(f"ring {self._name!r} is empty")
             raise_for(n)
-        return b.view[0:n]  # type: ignore[no-any-return]
+        return view[0:n]  # type: ignore[no-any-return]
 
     def get_many(self, max_items: int, timeout: Optional[float] = None) -> List[bytes]:
         """Dequeue up to ``max_items`` messages in one C call, waiting up to
