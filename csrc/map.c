@@ -939,6 +939,7 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
                     sg__free(m->g, SG_REF_OFF(c.ref));
                 sg__count(m, c.present, kind == SG_BLK_VALUE);
                 u->version = base + 1;
+                sg__feed_append(m, hash, SG_HEAD_OFF(sg_load_relaxed(&s->head)), u->version, kind == SG_BLK_TOMB);
                 sg__exit(m);
                 return SG_OK;
             }
@@ -1214,6 +1215,12 @@ static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, vo
     mh->max_capacity = param[3];
     mh->max_slots = param[3] ? sg__slots_for(param[3] + param[3] / 2 + 64) : 0;
     mh->table = toff;
+    rc = sg__feed_create(g, SG_FEED_SLOTS, &mh->feed);
+    if (rc) {
+        sg__free(g, toff);
+        sg__free(g, hoff);
+        return rc;
+    }
     hb->meta = SG_META(SG_META_CLASS(hb->meta), SG_BLK_OBJECT, sizeof *mh);
     /* published by the dirent-ready release in sg__dir_open */
     *obj = hoff;
@@ -1270,6 +1277,8 @@ int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_ke
     m->max_value = mh->max_value;
     sg__tab t;
     rc = sg__tab_at(m, sg_load_acquire(&mh->table), &t);
+    if (!rc)
+        rc = sg__feed_attach(m);
     if (rc) {
         free(m);
         return rc;
@@ -1385,6 +1394,8 @@ int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
         out->live_counter = (int64_t)sg_load_relaxed(&m->hdr->live);
         out->table_bytes = sg__class_size(SG_META_CLASS(tb->meta));
         out->block_bytes = sg__class_size(SG_META_CLASS(hb->meta));
+        if (m->feed) /* the change feed's block */
+            out->block_bytes += sg__class_size(SG_META_CLASS(((sg_block *)((uint8_t *)m->feed - SG_BLOCK_HDR))->meta));
         out->generation = t.h->generation;
         out->version_floor = sg_load_relaxed(&m->hdr->version_floor);
         out->max_key = m->max_key;

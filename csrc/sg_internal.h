@@ -30,7 +30,17 @@ struct sg_map {
     uint32_t max_key;
     uint32_t max_value;
     int reclaim_countdown; /* operations until this handle next tries to free retired tables */
+    sg_feed_hdr *feed;     /* the map's change feed, or NULL */
+    sg_feed_rec *recs;
+    uint64_t feed_slots;
 };
+
+/* ---- change feed (feed.c) ---- */
+int sg__feed_create(sg_grid *g, uint64_t slots, uint64_t *off);
+/* Attach m to the feed of its header (if any), checking the block. */
+int sg__feed_attach(sg_map *m);
+/* Append a change after the CAS that made it; never waits. */
+void sg__feed_append(sg_map *m, uint64_t hash, uint64_t key_off, uint64_t version, int deleted);
 
 /* ---- errors: a per-thread message naming the cause ---- */
 int sg__fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

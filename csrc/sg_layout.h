@@ -30,7 +30,7 @@
 #define SG_CACHE_LINE 64u
 
 #define SG_MAGIC ((uint64_t)SG_SEGMENT_MAGIC) /* the bytes "SHMGRID\0" read as a little-endian u64 */
-#define SG_FORMAT_VERSION 3u
+#define SG_FORMAT_VERSION 4u
 
 #define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
 #define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
@@ -304,6 +304,10 @@ typedef struct sg_map_hdr {
      * forgotten. Raised (CAS max) by copiers before they mark a slot DONE. */
     uint64_t version_floor;
     uint8_t _pad3[SG_CACHE_LINE - 8];
+    /* line 4: the change feed (see "Change feed" below): offset of its
+     * block, written by the creator; 0 for none. */
+    uint64_t feed;
+    uint8_t _pad4[SG_CACHE_LINE - 8];
 } sg_map_hdr;
 
 _Static_assert(offsetof(sg_map_hdr, capacity) == 0, "layout");
@@ -314,7 +318,8 @@ _Static_assert(offsetof(sg_map_hdr, max_slots) == 24, "layout");
 _Static_assert(offsetof(sg_map_hdr, table) == SG_CACHE_LINE, "tables on their own line");
 _Static_assert(offsetof(sg_map_hdr, live) == 2 * SG_CACHE_LINE, "live count on its own line");
 _Static_assert(offsetof(sg_map_hdr, version_floor) == 3 * SG_CACHE_LINE, "version floor on its own line");
-_Static_assert(sizeof(sg_map_hdr) == 4 * SG_CACHE_LINE, "layout");
+_Static_assert(offsetof(sg_map_hdr, feed) == 4 * SG_CACHE_LINE, "feed on its own line");
+_Static_assert(sizeof(sg_map_hdr) == 5 * SG_CACHE_LINE, "layout");
 
 /*
  * Slot table: a block (kind TABLE) whose payload is sg_table_hdr (176
@@ -388,6 +393,61 @@ _Static_assert(sizeof(sg_slot) == 16, "four slots per cache line");
 #define SG_REF(tag, off) ((((uint64_t)(tag) & ((1ull << SG_REF_TAG_BITS) - 1)) << SG_OFF_BITS) | ((uint64_t)(off) >> 4))
 #define SG_REF_TAG(r) (((r) >> SG_OFF_BITS) & ((1ull << SG_REF_TAG_BITS) - 1))
 #define SG_REF_OFF(r) (((r) & SG_OFF_MASK) << 4)
+
+/* ------------------------------------------------------------------------
+ * Change feed: a lossy broadcast ring of the changes made to one map, for
+ * watchers (and the bridge). One heap block (kind OBJECT): sg_feed_hdr,
+ * then `slots` 32-byte records. A writer appends after its successful CAS
+ * on a slot's ref: it takes a position by fetch_add on tail (never waits),
+ * then writes the record as a seqlock:
+ *
+ *   record:  0        8        16       24       32
+ *            +--------+--------+--------+--------+
+ *            | seq    | hash   | key    | ver    |
+ *            +--------+--------+--------+--------+
+ *
+ *   seq   0 never written; WRITING(p) = 4p + 1; PUB(p) = 4p + 2
+ *   hash  the key's 64-bit hash
+ *   key   offset of the key block (immutable while the key is in the map;
+ *         a reader re-hashes what it copied, so a block freed and reused
+ *         since is detected and the event reported lost)
+ *   ver   bit 63: a delete (tombstone); bits 0-62: the key's new version
+ *
+ * A reader copies a record while it reads PUB(p) before and after (relaxed
+ * word copies, SYNC POINT: block-reuse applies). A later lap's seq means it
+ * was lapped: the records it missed are counted as lost. A position that
+ * stays unpublished while later ones are claimed (a writer killed or
+ * stopped between fetch_add and PUB) is skipped after a grace period and
+ * counted as lost too. Writers never wait for readers.
+ * ------------------------------------------------------------------------ */
+#define SG_FEED_WRITING(p) (((uint64_t)(p) << 2) | 1u)
+#define SG_FEED_PUB(p) (((uint64_t)(p) << 2) | 2u)
+#define SG_FEED_DELETE (1ull << 63)
+
+typedef struct sg_feed_hdr {
+    /* line 0: parameters, written by the creator */
+    uint64_t slots;
+    uint8_t _pad0[SG_CACHE_LINE - 8];
+    /* line 1: next position; writers fetch_add */
+    uint64_t tail;
+    uint8_t _pad1[SG_CACHE_LINE - 8];
+    /* line 2: event watchers sleep on; writers signal after PUB */
+    uint32_t published;
+    uint32_t _pad2a;
+    uint8_t _pad2[SG_CACHE_LINE - 8];
+} sg_feed_hdr;
+
+typedef struct sg_feed_rec {
+    uint64_t seq;
+    uint64_t hash;
+    uint64_t key;
+    uint64_t ver;
+} sg_feed_rec;
+
+_Static_assert(offsetof(sg_feed_hdr, tail) == SG_CACHE_LINE, "writers' line");
+_Static_assert(offsetof(sg_feed_hdr, published) == 2 * SG_CACHE_LINE, "event line");
+_Static_assert(sizeof(sg_feed_hdr) == 3 * SG_CACHE_LINE, "records start after three lines");
+_Static_assert(sizeof(sg_feed_rec) == 32, "two records per line");
 
 /* object kinds, stored in sg_dirent.kind */
 enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1, SG_OBJ_RING = 2, SG_OBJ_TOPIC = 3, SG_OBJ_COUNTER = 4, SG_OBJ_LOCK = 5 };

@@ -76,6 +76,10 @@
 #define SG_DEFAULT_MAX_SUBSCRIBERS 64
 #define SG_MAX_SUBSCRIBERS_LIMIT 1024
 #define SG_MAX_MESSAGE_LIMIT 16777216
+#define SG_FEED_SLOTS 8192
+#define SG_CHANGE_PUT 1
+#define SG_CHANGE_DELETE 2
+#define SG_CHANGE_LOST 3
 #define SG_DEFAULT_GRID_SIZE 268435456
 #define SG_DEFAULT_CAPACITY 16384
 #define SG_DEFAULT_MAX_KEY 256
@@ -89,6 +93,7 @@ typedef struct sg_topic sg_topic;
 typedef struct sg_sub sg_sub;
 typedef struct sg_counter sg_counter;
 typedef struct sg_lock sg_lock;
+typedef struct sg_watch sg_watch;
 
 typedef struct sg_grid_info {
     uint64_t size;         /* bytes of the segment */
@@ -137,7 +142,7 @@ typedef struct sg_map_report {
     uint64_t live;             /* keys present, found by the walk */
     uint64_t tombstones;       /* keys deleted (slot still bound) */
     int64_t live_counter;      /* what len() reports */
-    uint64_t block_bytes;      /* bytes of reachable blocks: header, keys, values, tombstones */
+    uint64_t block_bytes;      /* bytes of reachable blocks: header, change feed, keys, values, tombstones */
     uint64_t table_bytes;
     uint64_t generation;       /* 1 for the first table, +1 per migration */
     uint64_t version_floor;    /* highest version of a tombstone a migration dropped */
@@ -346,6 +351,29 @@ int sg_lock_acquire(sg_lock *l, int64_t timeout_ns);
 /* SG_OK, or SG_ENOTOWNER if this thread does not hold it. */
 int sg_lock_release(sg_lock *l);
 int sg_lock_info_get(sg_lock *l, sg_lock_info *out);
+/* ---- watching a map's changes ---------------------------------------------
+ *
+ * Every successful write to a map appends (key, version, put/delete) to the
+ * map's change feed, a ring of SG_FEED_SLOTS records that writers never
+ * wait on. A watch reads the changes made after it opened, in the order
+ * their writes took positions in the feed (so in version order per key); a
+ * watch that falls more than SG_FEED_SLOTS behind is told how many it lost.
+ */
+typedef struct sg_change {
+    uint64_t version;      /* the key's version after the change */
+    uint64_t lost;         /* SG_CHANGE_LOST: how many changes were missed */
+    uint32_t kind;         /* SG_CHANGE_PUT, SG_CHANGE_DELETE or SG_CHANGE_LOST */
+    uint32_t klen;         /* bytes of the key, copied into the caller's buffer */
+} sg_change;
+
+/* Watch changes to keys starting with prefix (plen 0: every key). */
+int sg_watch_open(sg_map *m, const char *prefix, size_t plen, sg_watch **out);
+void sg_watch_free(sg_watch *w);
+/* The next change: SG_OK with *ev (and the key in kout, which holds at
+ * least the map's max_key bytes), SG_EAGAIN, SG_EINTR, or an error. */
+int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns);
+/* Changes appended to the feed so far (its tail). */
+uint64_t sg_watch_position(sg_watch *w);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

@@ -40,6 +40,7 @@ from .map import Map
 from .ring import Ring
 from .sync import Counter, Lock
 from .topic import Subscription, Topic
+from .watch import ChangeEvent, Watch
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,8 @@ __all__ = [
     "Subscription",
     "Counter",
     "Lock",
+    "Watch",
+    "ChangeEvent",
     "DEFAULT_SIZE",
     "parse_size",
     "ShmgridError",

@@ -154,6 +154,14 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     def max_value(self) -> int:
         return self._cap
 
+    def watch(self, prefix: Optional[Key] = None) -> Any:
+        """A :class:`~shmgrid.watch.Watch` of the changes made to this map
+        (by any process on the host) from now on, for keys starting with
+        ``prefix`` if given."""
+        from .watch import Watch
+
+        return Watch(self, _key(prefix) if prefix is not None else b"")
+
     def __repr__(self) -> str:
         return f"<shmgrid.Map {self._name!r} capacity={self._capacity} max_key={self._max_key} max_value={self._cap}>"
 

@@ -1,0 +1,113 @@
+"""Watching a map's changes from any process on the host.
+
+Every successful write to a map (put, delete, incr, the CAS forms...)
+appends ``(key, version, put/delete)`` to the map's change feed, a ring of
+``FEED_SLOTS`` records that writers never wait on. ``m.watch()`` reads the
+changes made after it was opened, in the order their writes took positions
+in the feed, which is version order for each key. A watch that falls more
+than ``FEED_SLOTS`` changes behind (or finds a change whose writer was
+killed mid-append) gets one ``ChangeEvent(kind="lost", lost=n)`` saying how
+many changes it missed, then carries on: it never blocks writers. Lost
+counts include changes to keys outside the watch's prefix, which cannot be
+told apart once missed.
+
+A Watch belongs to the process that opened it and is used by one thread at
+a time (a second thread gets Busy; ``close()`` from another thread ends a
+blocked ``get`` with Closed within 0.1 s).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple, Optional
+
+from ._core import ffi, lib
+from ._wait import SLICE_NS, start, wait_more
+from .errors import Busy, Closed, Empty, raise_for
+
+__all__ = ["ChangeEvent", "Watch", "FEED_SLOTS"]
+
+FEED_SLOTS: int = lib.SG_FEED_SLOTS
+_KINDS = {lib.SG_CHANGE_PUT: "put", lib.SG_CHANGE_DELETE: "delete", lib.SG_CHANGE_LOST: "lost"}
+_next = lib.sg_watch_next
+
+
+class ChangeEvent(NamedTuple):
+    """One change: ``kind`` is "put" (the key was stored: put, incr, the
+    CAS forms...), "delete", or "lost" (``lost`` changes were missed; key
+    None, version 0)."""
+
+    kind: str
+    key: Optional[bytes]
+    version: int
+    lost: int = 0
+
+
+class Watch:
+    """Changes to a map made after ``m.watch()`` returned. Iterate it, or
+    call ``get``."""
+
+    __slots__ = ("_map", "_h", "_kbuf", "_kview", "_ev", "_lock", "_closing", "__weakref__")
+
+    def __init__(self, m: Any, prefix: bytes) -> None:
+        out = ffi.new("sg_watch **")
+        rc = lib.sg_watch_open(m._h, prefix, len(prefix), out)
+        if rc:
+            raise_for(rc)
+        self._map = m  # keeps the map handle alive as long as the watch
+        self._h: Any = ffi.gc(out[0], lib.sg_watch_free)
+        self._kbuf = ffi.new("char[]", max(1, m.max_key))
+        self._kview = ffi.buffer(self._kbuf)
+        self._ev = ffi.new("sg_change *")
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def get(self, timeout: Optional[float] = None) -> ChangeEvent:
+        """The next change, waiting up to ``timeout`` seconds (None: no
+        limit); Empty on timeout."""
+        if not self._lock.acquire(blocking=False):
+            raise Busy("watch is in use by another thread: use one watch per thread")
+        try:
+            h = self._h
+            if h is None:
+                raise Closed("watch is closed")
+            kbuf, kcap, ev = self._kbuf, len(self._kbuf), self._ev
+
+            def step(ns: int) -> int:
+                if self._closing:
+                    raise Closed("watch was closed by another thread")
+                return _next(h, kbuf, kcap, ev, ns)  # type: ignore[no-any-return]
+
+            deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
+            rc = step(ns)
+            if rc < 0:
+                wait_more(step, rc, deadline, lambda: Empty("no change"))
+            kind = _KINDS[ev.kind]
+            if kind == "lost":
+                return ChangeEvent("lost", None, 0, ev.lost)
+            return ChangeEvent(kind, self._kview[0:ev.klen], ev.version)
+        finally:
+            self._lock.release()
+
+    def get_nowait(self) -> ChangeEvent:
+        return self.get(0)
+
+    def __iter__(self) -> "Watch":
+        """Changes as they come, blocking."""
+        return self
+
+    def __next__(self) -> ChangeEvent:
+        return self.get()
+
+    def close(self) -> None:
+        """Stop watching. Idempotent; safe from another thread."""
+        self._closing = True
+        with self._lock:
+            if self._h is not None:
+                h, self._h = self._h, None
+                ffi.release(h)
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
