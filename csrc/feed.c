@@ -14,6 +14,8 @@
 
 #include "sg_internal.h"
 
+_Static_assert(sizeof(sg_record_hdr) == SG_RECORD_HDR, "records: a packed 16-byte header");
+
 /* A position claimed and still unpublished this long is given up on: its
  * writer was killed or stopped between fetch_add and PUB. Long enough that
  * a live writer descheduled under load is not taken for one. */
@@ -192,4 +194,44 @@ int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t t
     };
     int64_t rc = sg__wait(&wt, timeout_ns);
     return rc > 0 ? SG_OK : (int)rc;
+}
+
+int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, const uint8_t *mask, uint64_t *lost,
+                         int64_t timeout_ns)
+{
+    sg_map *m = w->m;
+    size_t off = 0, worst = SG_RECORD_HDR + m->max_key + m->max_value;
+    *lost = 0;
+    if (cap < worst)
+        return sg__fail(SG_EINVAL, "records buffer of %zu bytes is below one record of %zu", cap, worst);
+    while (cap - off >= worst) {
+        char *rec = out + off, *key = rec + SG_RECORD_HDR;
+        sg_change ev;
+        int rc = sg_watch_next(w, key, m->max_key, &ev, off == 0 && *lost == 0 ? timeout_ns : 0);
+        if (rc == SG_EAGAIN)
+            break;
+        if (rc < 0)
+            return off || *lost ? (int64_t)off : rc;
+        if (ev.kind == SG_CHANGE_LOST) {
+            *lost += ev.lost;
+            continue;
+        }
+        uint64_t hash = sg_hash64(key, ev.klen);
+        if (nparts && !((mask[(hash % nparts) / 8] >> ((hash % nparts) % 8)) & 1))
+            continue;
+        /* ship the key's state now (at least as new as the change) */
+        uint64_t version = 0;
+        int64_t n = sg_map_get(m, key, ev.klen, key + ev.klen, m->max_value, &version);
+        if (n == SG_ENOKEY && version == 0)
+            continue;
+        if (n < 0 && n != SG_ENOKEY)
+            return n;
+        sg_record_hdr h = {.klen = (uint16_t)ev.klen, .flags = n < 0, .vlen = n < 0 ? 0 : (uint32_t)n,
+                           .version = version};
+        memcpy(rec, &h, sizeof h);
+        off += SG_RECORD_HDR + ev.klen + h.vlen;
+    }
+    if (off == 0 && *lost == 0)
+        return sg__fail_const(SG_EAGAIN, "no change");
+    return (int64_t)off;
 }

@@ -787,7 +787,7 @@ static int sg__locate(sg_map *m, const char *key, size_t klen, uint64_t hash, in
 
 /* ---- updates ------------------------------------------------------------ */
 
-enum sg__op { OP_PUT, OP_PUT_IF_ABSENT, OP_REPLACE, OP_CAS_VERSION, OP_DELETE, OP_INCR };
+enum sg__op { OP_PUT, OP_PUT_IF_ABSENT, OP_REPLACE, OP_CAS_VERSION, OP_DELETE, OP_INCR, OP_APPLY };
 
 typedef struct sg__update {
     enum sg__op op;
@@ -797,6 +797,7 @@ typedef struct sg__update {
     size_t elen;
     uint64_t expected_version; /* CAS_VERSION; 0 = the key must be absent */
     int64_t delta;             /* INCR */
+    int tombstone;             /* APPLY: the owner's state is a delete */
     char *old;                 /* DELETE: where to copy the removed value (may be NULL) */
     size_t oldcap;
     /* results */
@@ -829,6 +830,9 @@ static int sg__decide(sg__update *u, const sg__cur *c, int64_t cur, sg_block *nb
     case OP_DELETE:
         u->oldlen = c->len;
         return c->present;
+    case OP_APPLY:
+        /* a mirror taking the owner's state: only what is newer */
+        return u->expected_version > c->version;
     case OP_INCR:
         if (c->present && c->len != 8)
             return sg__fail(SG_ENOTINT, "incr: the key holds a %u-byte value, not an 8-byte int64", c->len);
@@ -848,7 +852,7 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
     int rc = sg__check_key(m, klen);
     if (rc)
         return rc;
-    size_t vlen = u->op == OP_INCR ? 8 : u->op == OP_DELETE ? 0 : u->vlen;
+    size_t vlen = u->op == OP_INCR ? 8 : u->op == OP_DELETE || (u->op == OP_APPLY && u->tombstone) ? 0 : u->vlen;
     if (vlen > m->max_value)
         return sg__fail(SG_EVALSIZE, "value of %zu bytes exceeds this map's max_value of %u bytes", vlen,
                         m->max_value);
@@ -856,7 +860,7 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
         return sg__fail(SG_EVALSIZE, "incr needs 8-byte values; this map's max_value is %u", m->max_value);
 
     uint64_t hash = sg_hash64(key, klen);
-    int creates = u->op == OP_PUT || u->op == OP_PUT_IF_ABSENT || u->op == OP_INCR ||
+    int creates = u->op == OP_PUT || u->op == OP_PUT_IF_ABSENT || u->op == OP_INCR || u->op == OP_APPLY ||
                   (u->op == OP_CAS_VERSION && u->expected_version == 0);
 
     /* The new block, filled except for its version (and the INCR value). */
@@ -866,7 +870,7 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
     if (rc)
         return rc;
     sg_block *nb = (sg_block *)(m->g->base + nb_off);
-    unsigned kind = u->op == OP_DELETE ? SG_BLK_TOMB : SG_BLK_VALUE;
+    unsigned kind = u->op == OP_DELETE || (u->op == OP_APPLY && u->tombstone) ? SG_BLK_TOMB : SG_BLK_VALUE;
     sg_store_relaxed(&nb->meta, SG_META(SG_META_CLASS(sg_load_relaxed(&nb->meta)), kind, vlen));
     if (kind == SG_BLK_VALUE && u->op != OP_INCR)
         sg_copy_in(nb->payload, u->val, vlen);
@@ -916,6 +920,8 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
              * a migration forgot (SYNC POINT: the floor was raised before
              * the DONE we passed through, acq_rel). */
             uint64_t base = c.ref ? c.version : sg_load_acquire(&m->hdr->version_floor);
+            if (u->op == OP_APPLY)
+                base = u->expected_version - 1; /* the owner's version, as it is */
             sg_store_relaxed(&nb->word, base + 1);
             uint64_t r = c.ref;
             /* The snapshot's block must still carry the version we decided
@@ -1110,8 +1116,57 @@ int sg_iter_open(sg_map *m, sg_iter **out)
     }
 }
 
+/* Whether a key of this hash is in one of the partitions of mask (nparts
+ * 0: no filter). A key's partition is its 64-bit hash modulo nparts. */
+static int sg__in_mask(uint64_t hash, uint32_t nparts, const uint8_t *mask)
+{
+    if (!nparts)
+        return 1;
+    uint32_t p = (uint32_t)(hash % nparts);
+    return (mask[p / 8] >> (p % 8)) & 1;
+}
+
+/* The next key of the walk (with its tombstone too if `tombstones`, and
+ * only keys of the partitions in mask if nparts), copied out. */
+static int sg__iter_step(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen,
+                         uint64_t *version, int tombstones, int *present, uint32_t nparts, const uint8_t *mask);
+
 int sg_iter_next(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen,
                  uint64_t *version)
+{
+    int present;
+    return sg__iter_step(it, kout, kcap, klen, vout, vcap, vlen, version, 0, &present, 0, NULL);
+}
+
+int64_t sg_iter_records(sg_iter *it, char *out, size_t cap, uint32_t nparts, const uint8_t *mask)
+{
+    sg_map *m = it->m;
+    size_t off = 0, worst = SG_RECORD_HDR + m->max_key + m->max_value;
+    while (cap - off >= worst) {
+        char *rec = out + off;
+        size_t klen, vlen;
+        uint64_t version;
+        int present;
+        /* the key goes right after the header; the value is copied after
+         * it once the key's length is known */
+        int rc = sg__iter_step(it, rec + SG_RECORD_HDR, m->max_key, &klen, rec + SG_RECORD_HDR + m->max_key,
+                               m->max_value, &vlen, &version, 1, &present, nparts, mask);
+        if (rc == SG_NO)
+            break;
+        if (rc)
+            return rc;
+        if (present)
+            memmove(rec + SG_RECORD_HDR + klen, rec + SG_RECORD_HDR + m->max_key, vlen);
+        sg_record_hdr h = {.klen = (uint16_t)klen, .flags = (uint8_t)!present, .vlen = present ? (uint32_t)vlen : 0,
+                           .version = version};
+        memcpy(rec, &h, sizeof h);
+        off += SG_RECORD_HDR + klen + h.vlen;
+    }
+    return (int64_t)off;
+}
+
+static int sg__iter_step(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen,
+                         uint64_t *version, int tombstones, int *present, uint32_t nparts, const uint8_t *mask)
 {
     sg_map *m = it->m;
     if (!it->pinned)
@@ -1134,6 +1189,8 @@ int sg_iter_next(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout,
         if (!kb || SG_META_KIND(kb->meta) != SG_BLK_KEY || SG_META_LEN(kb->meta) > kcap ||
             !sg__fits(kb->meta, SG_META_LEN(kb->meta)))
             return sg__fail(SG_ECORRUPT, "map slot %llu names a bad key block", (unsigned long long)i);
+        if (!sg__in_mask(kb->word, nparts, mask))
+            continue; /* kb->word is the key's full hash */
         sg__cur c;
         rc = sg__read(m, s, &c, vout, vcap, NULL, 0);
         if (!rc && (c.ref & SG_REF_DONE)) {
@@ -1145,8 +1202,9 @@ int sg_iter_next(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout,
         }
         if (rc)
             return rc;
-        if (!c.present)
+        if (!c.present && !(tombstones && c.version))
             continue;
+        *present = c.present;
         *klen = SG_META_LEN(kb->meta);
         memcpy(kout, kb->payload, *klen);
         if (vlen)
@@ -1167,6 +1225,47 @@ void sg_iter_free(sg_iter *it)
     if (it->pinned && it->m->g->base && it->pid == getpid())
         sg__exit(it->m);
     free(it);
+}
+
+/* ---- mirroring: apply the owner's state, and records for the wire -------- */
+
+int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen, uint64_t version,
+                 int tombstone)
+{
+    if (version == 0 || version >= SG_FEED_DELETE)
+        return sg__fail(SG_EINVAL, "apply: version %llu out of range", (unsigned long long)version);
+    sg__update u = {.op = OP_APPLY, .val = val, .vlen = vlen, .expected_version = version, .tombstone = !!tombstone};
+    return sg__apply(m, key, klen, &u);
+}
+
+int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,
+                             uint64_t *applied)
+{
+    size_t off = 0;
+    int64_t n = 0;
+    *applied = 0;
+    while (off < len) {
+        if (len - off < SG_RECORD_HDR)
+            return sg__fail(SG_EINVAL, "record %lld: truncated header (%zu bytes left)", (long long)n, len - off);
+        sg_record_hdr h;
+        memcpy(&h, buf + off, sizeof h);
+        if (h.flags > 1 || h.reserved || h.klen > m->max_key || h.vlen > m->max_value ||
+            (h.flags && h.vlen) || h.version == 0 || h.version >= SG_FEED_DELETE)
+            return sg__fail(SG_EINVAL, "record %lld: bad header (klen %u, vlen %u, flags %u, version %llu)",
+                            (long long)n, h.klen, h.vlen, h.flags, (unsigned long long)h.version);
+        if (len - off - SG_RECORD_HDR < (size_t)h.klen + h.vlen)
+            return sg__fail(SG_EINVAL, "record %lld: truncated body", (long long)n);
+        const char *key = buf + off + SG_RECORD_HDR;
+        if (!sg__in_mask(sg_hash64(key, h.klen), nparts, mask))
+            return sg__fail(SG_EINVAL, "record %lld: key of a partition the sender does not own", (long long)n);
+        int rc = sg_map_apply(m, key, h.klen, key + h.klen, h.vlen, h.version, h.flags);
+        if (rc < 0)
+            return rc;
+        *applied += rc == SG_OK;
+        off += SG_RECORD_HDR + h.klen + h.vlen;
+        n++;
+    }
+    return n;
 }
 
 /* ---- open / create ------------------------------------------------------ */

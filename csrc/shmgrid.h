@@ -374,6 +374,49 @@ void sg_watch_free(sg_watch *w);
 int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns);
 /* Changes appended to the feed so far (its tail). */
 uint64_t sg_watch_position(sg_watch *w);
+/* ---- mirroring (the bridge) -------------------------------------------------
+ *
+ * Records carry a key's state between hosts: a 16-byte header, then the
+ * key, then the value (none for a tombstone). Little-endian, packed:
+ *
+ *   0      2      3      4             8                  16
+ *   +------+------+------+-------------+------------------+-----+-------+
+ *   | klen | flag | 0    | vlen        | version          | key | value |
+ *   +------+------+------+-------------+------------------+-----+-------+
+ *   flag 1 = tombstone (vlen 0). A key's partition is sg_hash64(key) % n;
+ *   a partition mask is a bitmap, bit p of byte p / 8.
+ */
+#define SG_RECORD_HDR 16
+typedef struct sg_record_hdr {
+    uint16_t klen;
+    uint8_t flags;
+    uint8_t reserved;
+    uint32_t vlen;
+    uint64_t version;
+} sg_record_hdr;
+
+/* Store the owner's state of a key (value, or tombstone) with exactly its
+ * version, if that is newer than what this map has: SG_OK if applied,
+ * SG_NO if not newer. Idempotent: replays are harmless. */
+int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen, uint64_t version,
+                 int tombstone);
+/* Apply a buffer of records whose keys must all be in the partitions of
+ * mask (nparts 0: any). Returns the records parsed (*applied of them were
+ * newer), or SG_EINVAL naming the first malformed record (those before it
+ * are applied). */
+int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,
+                             uint64_t *applied);
+/* Continue a walk, writing the keys of the partitions in mask, tombstones
+ * included, as records into out. Returns the bytes written (0: the walk is
+ * over); cap must hold one record of max_key + max_value bytes at least. */
+int64_t sg_iter_records(sg_iter *it, char *out, size_t cap, uint32_t nparts, const uint8_t *mask);
+/* The current state of every key of the mask's partitions that changed
+ * since the watch last read, as records into out: waits up to timeout_ns
+ * for the first change, then takes what is there. Returns the bytes
+ * written, with *lost the changes the watch missed (a resync is then
+ * needed); SG_EAGAIN if nothing happened. */
+int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, const uint8_t *mask, uint64_t *lost,
+                         int64_t timeout_ns);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

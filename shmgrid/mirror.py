@@ -1,0 +1,138 @@
+"""Moving a map's state between hosts in buffers of records (the bridge's
+data path): snapshot a set of partitions, stream their changes, apply them
+on a mirror. Records are built and applied in C, a buffer at a time; Python
+only moves the buffers. The wire format is in csrc/shmgrid.h ("mirroring").
+
+A key's partition is ``sg_hash64(key) % partitions``. Applying keeps only
+what is newer than the mirror's version of a key, so replays, overlaps
+between a snapshot and the change stream, and reconnects are harmless.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional, Tuple
+
+from ._core import ffi, lib
+from ._wait import SLICE_NS, start
+from .errors import raise_for
+
+__all__ = ["partition_of", "PartitionMask", "snapshot", "ChangeStream", "apply_records", "BUFFER_BYTES"]
+
+BUFFER_BYTES = 1 << 20  # records per buffer: up to 1 MiB (at least one record of the largest size)
+_EAGAIN = lib.SG_EAGAIN
+_EINTR = lib.SG_EINTR
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    return lib.sg_hash64(key, len(key)) % partitions  # type: ignore[no-any-return]
+
+
+class PartitionMask:
+    """A set of partitions of a map split into ``partitions``, as the C bitmap."""
+
+    def __init__(self, partitions: int, members: Iterable[int]) -> None:
+        if not 1 <= partitions <= 65536:
+            raise ValueError(f"partitions must be 1..65536, not {partitions}")
+        self.partitions = partitions
+        self.members = frozenset(members)
+        bits = bytearray((partitions + 7) // 8)
+        for p in self.members:
+            if not 0 <= p < partitions:
+                raise ValueError(f"partition {p} is not in 0..{partitions - 1}")
+            bits[p // 8] |= 1 << (p % 8)
+        self.c = ffi.new("uint8_t[]", bytes(bits))
+
+    def __contains__(self, p: object) -> bool:
+        return p in self.members
+
+
+def _buffer_size(m: Any) -> int:
+    return max(BUFFER_BYTES, lib.SG_RECORD_HDR + m.max_key + m.max_value)
+
+
+def snapshot(m: Any, mask: PartitionMask) -> Iterator[bytes]:
+    """The current state of every key of the mask's partitions, tombstones
+    included, as buffers of records (weakly consistent, like iteration: a
+    change made meanwhile may or may not be in it; the change stream opened
+    before the snapshot covers it either way)."""
+    cap = _buffer_size(m)
+    buf = ffi.new("char[]", cap)
+    view = ffi.buffer(buf)
+    it = ffi.new("sg_iter **")
+    rc = lib.sg_iter_open(m._h, it)
+    if rc:
+        raise_for(rc)
+    it = ffi.gc(it[0], lib.sg_iter_free)
+    try:
+        while True:
+            n = lib.sg_iter_records(it, buf, cap, mask.partitions, mask.c)
+            if n < 0:
+                raise_for(n)
+            if n == 0:
+                return
+            yield view[0:n]
+    finally:
+        ffi.release(it)
+
+
+class ChangeStream:
+    """The changes to a map's partitions from the moment it is made, as
+    buffers of records carrying each changed key's current state. Open it
+    before taking a snapshot, so that nothing falls between the two."""
+
+    def __init__(self, m: Any, mask: PartitionMask) -> None:
+        self._map = m
+        self.mask = mask
+        self._cap = _buffer_size(m)
+        self._buf = ffi.new("char[]", self._cap)
+        self._view = ffi.buffer(self._buf)
+        self._lost = ffi.new("uint64_t *")
+        out = ffi.new("sg_watch **")
+        rc = lib.sg_watch_open(m._h, ffi.NULL, 0, out)
+        if rc:
+            raise_for(rc)
+        self._h = ffi.gc(out[0], lib.sg_watch_free)
+
+    def position(self) -> int:
+        """How many changes the map's feed has seen (for lag figures)."""
+        return lib.sg_watch_position(self._h)  # type: ignore[no-any-return]
+
+    def next(self, timeout: Optional[float] = None) -> Tuple[bytes, int]:
+        """(records, lost): what changed, waiting up to ``timeout`` seconds
+        (None: no limit) for the first change. ``lost`` > 0 means changes
+        were missed: the caller must resync from a snapshot. Returns
+        (b"", 0) on timeout. Blocks in C with the GIL released: call it
+        from a thread, not from an event loop."""
+        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
+        while True:
+            n = lib.sg_watch_records(self._h, self._buf, self._cap, self.mask.partitions, self.mask.c,
+                                     self._lost, ns)
+            if n >= 0:
+                return self._view[0:n], self._lost[0]
+            if n != _EAGAIN and n != _EINTR:
+                raise_for(n)
+            if deadline is not None:
+                import time
+
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return b"", 0
+                ns = min(SLICE_NS, int(left * 1e9))
+
+    def close(self) -> None:
+        if self._h is not None:
+            h, self._h = self._h, None
+            ffi.release(h)
+
+
+def apply_records(m: Any, records: bytes, mask: Optional[PartitionMask] = None) -> Tuple[int, int]:
+    """Apply a buffer of records to mirror map ``m``: (records, applied).
+    Every key must be in ``mask`` (the partitions the sender owns); a
+    malformed buffer or a foreign key raises InvalidArgument naming the
+    record (those before it are applied, which is harmless)."""
+    applied = ffi.new("uint64_t *")
+    nparts = mask.partitions if mask is not None else 0
+    cmask = mask.c if mask is not None else ffi.NULL
+    n = lib.sg_map_apply_records(m._h, records, len(records), nparts, cmask, applied)
+    if n < 0:
+        raise_for(n)
+    return n, applied[0]

@@ -1,0 +1,148 @@
+"""The bridge's data path: snapshot, change stream and apply, in buffers
+of records, between two grids on this host."""
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from conftest import unique_grid_name, unlink_quietly
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import shmgrid
+from shmgrid import InvalidArgument, mirror
+
+
+@pytest.fixture
+def two_grids():
+    names = [unique_grid_name(), unique_grid_name()]
+    grids = [shmgrid.Grid.create(n, size="64MiB") for n in names]
+    yield grids
+    for g in grids:
+        g.close()
+    for n in names:
+        unlink_quietly(n)
+
+
+def state(m, mask):
+    return {k: m.get_versioned(k) for k in m.keys() if mirror.partition_of(k, mask.partitions) in mask}
+
+
+def tombstones(m, keys):
+    return {k: m.get_versioned(k) for k in keys}
+
+
+def sync(owner, mirror_map, mask):
+    n = 0
+    for chunk in mirror.snapshot(owner, mask):
+        n += mirror.apply_records(mirror_map, chunk, mask)[0]
+    return n
+
+
+def test_snapshot_then_stream_converges_with_versions(two_grids):
+    a, b = two_grids
+    A = a.map("m", capacity=2048, max_value=64)
+    B = b.map("m", capacity=2048, max_value=64)
+    mask = mirror.PartitionMask(8, [1, 3, 4, 6])
+    rnd = random.Random(7)
+    keys = [b"key-%d" % i for i in range(500)]
+    for k in keys:
+        A[k] = b"v0"
+    stream = mirror.ChangeStream(A, mask)  # opened before the snapshot: nothing falls between
+    for _ in range(2000):  # changes before and during the snapshot
+        k = rnd.choice(keys)
+        if rnd.random() < 0.2:
+            A.pop(k, None)
+        else:
+            A[k] = b"v%d" % rnd.randrange(1000)
+    sync(A, B, mask)
+    for _ in range(3000):  # changes after it
+        k = rnd.choice(keys)
+        if rnd.random() < 0.2:
+            A.pop(k, None)
+        else:
+            A[k] = b"w%d" % rnd.randrange(1000)
+    while True:
+        recs, lost = stream.next(timeout=0.05)
+        assert lost == 0
+        if not recs:
+            break
+        mirror.apply_records(B, recs, mask)
+    assert state(B, mask) == state(A, mask)  # values and versions
+    mine = [k for k in keys if mirror.partition_of(k, 8) in mask]
+    # deletes arrive as tombstones with the owner's versions
+    for k in mine:
+        assert B.get_versioned(k) == A.get_versioned(k)
+    assert not any(mirror.partition_of(k, 8) not in mask for k in B.keys())
+
+
+def test_apply_keeps_only_newer_and_replays_are_harmless(two_grids):
+    a, b = two_grids
+    A, B = a.map("m"), b.map("m")
+    A["k"] = b"1"
+    old = b"".join(mirror.snapshot(A, mirror.PartitionMask(1, [0])))
+    A["k"] = b"2"
+    del A["k"]
+    A["k"] = b"3"
+    new = b"".join(mirror.snapshot(A, mirror.PartitionMask(1, [0])))
+    assert mirror.apply_records(B, new) == (1, 1)
+    assert mirror.apply_records(B, old) == (1, 0)  # older: not applied
+    assert mirror.apply_records(B, new) == (1, 0)  # the same: not applied again
+    assert B.get_versioned("k") == (b"3", 4)
+    del A["k"]
+    tomb = b"".join(mirror.snapshot(A, mirror.PartitionMask(1, [0])))
+    assert mirror.apply_records(B, tomb) == (1, 1)
+    assert B.get("k") is None and mirror.apply_records(B, new) == (1, 0)  # the delete stays
+
+
+def test_lost_changes_are_reported(two_grids):
+    a, _ = two_grids
+    A = a.map("m", capacity=128)
+    stream = mirror.ChangeStream(A, mirror.PartitionMask(1, [0]))
+    for i in range(shmgrid.watch.FEED_SLOTS + 10):
+        A[b"k%d" % (i % 50)] = b"x"
+    recs, lost = stream.next(timeout=0.1)
+    assert lost == 10
+
+
+def _record(key, value=b"", version=1, flags=0, klen=None, vlen=None):
+    klen = len(key) if klen is None else klen
+    vlen = len(value) if vlen is None else vlen
+    return struct.pack("<HBBIQ", klen, flags, 0, vlen, version) + key + value
+
+
+@pytest.mark.parametrize("buf,what", [
+    (_record(b"k", b"v", version=0), "bad header"),
+    (_record(b"k", b"v", flags=2), "bad header"),
+    (_record(b"k", b"v", flags=1), "bad header"),  # a tombstone with a value
+    (_record(b"k", b"v", klen=300), "bad header"),  # over max_key
+    (_record(b"k", b"v")[:-1], "truncated body"),
+    (_record(b"k", b"v")[:10], "truncated header"),
+    (_record(b"k", b"v", version=2**63), "bad header"),
+])
+def test_malformed_records_are_refused(two_grids, buf, what):
+    _, b = two_grids
+    B = b.map("m", max_key=32, max_value=32)
+    good = _record(b"first", b"ok", version=5)
+    with pytest.raises(InvalidArgument, match=what):
+        mirror.apply_records(B, good + buf)
+    assert B.get_versioned("first") == (b"ok", 5)  # what came before is applied (harmless)
+    assert len(B) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_never_crashes(garbage):
+    name = unique_grid_name()
+    try:
+        with shmgrid.Grid.create(name, size="8MiB") as g:
+            m = g.map("m", capacity=64, max_key=16, max_value=16)
+            try:
+                n, applied = mirror.apply_records(m, garbage)
+            except InvalidArgument:
+                return
+            assert applied <= n and len(m) <= n
+            m.validate()
+    finally:
+        unlink_quietly(name)
