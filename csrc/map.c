@@ -1118,6 +1118,11 @@ int sg_iter_open(sg_map *m, sg_iter **out)
 
 /* Whether a key of this hash is in one of the partitions of mask (nparts
  * 0: no filter). A key's partition is its 64-bit hash modulo nparts. */
+uint64_t sg_map_version_floor(sg_map *m)
+{
+    return m->g->base ? sg_load_acquire(&m->hdr->version_floor) : 0;
+}
+
 static int sg__in_mask(uint64_t hash, uint32_t nparts, const uint8_t *mask)
 {
     if (!nparts)

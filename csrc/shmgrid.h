@@ -400,6 +400,9 @@ typedef struct sg_record_hdr {
  * SG_NO if not newer. Idempotent: replays are harmless. */
 int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen, uint64_t version,
                  int tombstone);
+/* The map's version floor: every version a migration dropped with a
+ * tombstone is at most this, and versions given from now on are above it. */
+uint64_t sg_map_version_floor(sg_map *m);
 /* Apply a buffer of records whose keys must all be in the partitions of
  * mask (nparts 0: any). Returns the records parsed (*applied of them were
  * newer), or SG_EINVAL naming the first malformed record (those before it

@@ -1,0 +1,309 @@
+"""The bridge daemon: one per host, attached to the host's grid.
+
+For every mirrored map, the owner of a partition ships the state of each
+key that changes in it, and a full snapshot when a mirror (re)connects or
+when its change feed overflowed; mirrors apply only what is newer
+(shmgrid.mirror). Mirrors dial owners: a mirror host keeps one
+authenticated connection to each host that owns partitions it mirrors, and
+reconnects with backoff. Records travel in buffers built and applied in C.
+
+Not here yet (issue 4): remote writes from non-owner hosts, consistent
+reads, TLS, mirror lag in seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import signal
+import struct
+import time
+from typing import Any, Dict, List, Optional, Set
+
+from .. import mirror
+from .._core import lib
+from ..errors import InvalidArgument, ShmgridError
+from ..grid import Grid
+from .config import Config
+from .protocol import T, ProtocolError, client_handshake, frame, jframe, read_frame, records_frame, server_handshake
+from .protocol import split_records
+
+__all__ = ["Bridge", "run"]
+
+log = logging.getLogger("shmgrid.bridge")
+_REC = struct.Struct("<HBBIQ")
+
+
+class Metrics:
+    """Counters, exposed in Prometheus text format (and as JSON by /status)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.c: Dict[str, float] = {}
+        self.peers: Dict[str, Dict[str, Any]] = {}
+
+    def add(self, name: str, n: float = 1, **labels: str) -> None:
+        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        self.c[key] = self.c.get(key, 0) + n
+
+    def prometheus(self) -> str:
+        lines = []
+        for key, v in sorted(self.c.items()):
+            lines.append(f"shmgrid_bridge_{key} {v:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _keys_of(records: bytes) -> List[bytes]:
+    """The keys of a buffer of records (resync path only)."""
+    out, off = [], 0
+    while off < len(records):
+        klen, _, _, vlen, _ = _REC.unpack_from(records, off)
+        out.append(records[off + 16:off + 16 + klen])
+        off += 16 + klen + vlen
+    return out
+
+
+class Bridge:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics(cfg.name)
+        self.maps: Dict[str, Any] = {}
+        self.grid: Optional[Grid] = None
+        self._stop = asyncio.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bridge-feed")
+        self._masks: Dict[str, Dict[str, mirror.PartitionMask]] = {}  # owner -> map -> its partitions
+        for h in cfg.hosts:
+            self._masks[h] = {n: mirror.PartitionMask(mc.partitions, mc.owned_by(h)) for n, mc in cfg.maps.items()}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        self.grid = Grid.open(cfg.grid, size=cfg.grid_size)
+        for n, mc in cfg.maps.items():
+            self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
+        host, port = cfg.listen
+        server = await asyncio.start_server(self._serve, host, port)
+        log.info("bridge %s listening on %s:%d, grid %s, maps %s", cfg.name, host, port, cfg.grid,
+                 ", ".join(cfg.maps))
+        tasks = [asyncio.ensure_future(self._mirror_from(p)) for p in cfg.peers
+                 if any(self._masks[p][n].members for n in cfg.maps)]
+        if cfg.metrics:
+            mserver = await asyncio.start_server(self._serve_metrics, *cfg.metrics)
+        else:
+            mserver = None
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("bridge %s stopping", cfg.name)
+            for t in tasks:
+                t.cancel()
+            server.close()
+            if mserver:
+                mserver.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.grid.close()
+
+    # ---- owner side: serve a mirror -------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cfg = self.cfg
+        addr = writer.get_extra_info("peername")
+        peer = None
+        tasks: List[asyncio.Future] = []
+        try:
+            peer = await server_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+            if peer not in cfg.hosts or peer == cfg.name:
+                raise ProtocolError(f"authenticated peer calls itself {peer!r}, which is not another host of the "
+                                    "configuration")
+            kind, payload = await asyncio.wait_for(read_frame(reader), cfg.timeout)
+            if kind != T.SUBSCRIBE:
+                raise ProtocolError(f"expected SUBSCRIBE, got frame type {kind}")
+            wanted = json.loads(payload)["maps"]
+            for name, spec in wanted.items():
+                mc = cfg.maps.get(name)
+                mine = self._masks[cfg.name].get(name)
+                if mc is None or mine is None or spec.get("partitions") != mc.partitions or \
+                        sorted(spec.get("owned", [])) != sorted(mine.members):
+                    msg = f"map {name!r}: the mirror's configuration disagrees with ours (partitions or owners)"
+                    writer.write(frame(T.ERROR, msg.encode()))
+                    raise ProtocolError(msg)
+            log.info("mirror %s connected from %s for %s", peer, addr, ", ".join(wanted))
+            self.metrics.add("mirror_connections_total", peer=peer)
+            for name in wanted:
+                tasks.append(asyncio.ensure_future(self._ship(peer, name, writer)))
+            tasks.append(asyncio.ensure_future(self._heartbeat(writer)))
+            # the mirror sends nothing more: a read returns when it goes away
+            while await reader.read(4096):
+                pass
+        except (ProtocolError, ValueError, KeyError, TypeError) as e:
+            self.metrics.add("rejected_connections_total")
+            log.warning("connection from %s (%s) rejected: %s", addr, peer or "unauthenticated", e)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
+            if peer is None:  # gone or silent before proving it holds the secret
+                self.metrics.add("rejected_connections_total")
+                log.warning("connection from %s rejected: %s during the handshake", addr, type(e).__name__)
+            else:
+                log.info("connection from %s (%s) closed: %s", addr, peer, type(e).__name__)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+
+    async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.timeout / 3)
+            writer.write(frame(T.HEARTBEAT))
+            await writer.drain()
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes, peer: str, name: str, records: bool) -> None:
+        writer.write(data)
+        if records:
+            self.metrics.add("bytes_shipped_total", len(data), peer=peer, map=name)
+        await writer.drain()
+
+    async def _snapshot(self, peer: str, name: str, mask: mirror.PartitionMask, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        m = self.maps[name]
+        await self._send(writer, jframe(T.SNAP_BEGIN, {"map": name}), peer, name, False)
+        gen = mirror.snapshot(m, mask)
+        while True:
+            chunk = await loop.run_in_executor(self._pool, next, gen, None)
+            if chunk is None:
+                break
+            await self._send(writer, records_frame(name, chunk), peer, name, True)
+        floor = lib.sg_map_version_floor(m._h)
+        await self._send(writer, jframe(T.SNAP_END, {"map": name, "floor": floor}), peer, name, False)
+        self.metrics.add("snapshots_sent_total", peer=peer, map=name)
+
+    async def _ship(self, peer: str, name: str, writer: asyncio.StreamWriter) -> None:
+        """Ship map ``name``'s partitions owned here to ``peer``: a snapshot,
+        then the change stream (opened first, so nothing falls between)."""
+        loop = asyncio.get_running_loop()
+        mask = self._masks[self.cfg.name][name]
+        stream = mirror.ChangeStream(self.maps[name], mask)
+        await self._snapshot(peer, name, mask, writer)
+        while True:
+            recs, lost = await loop.run_in_executor(self._pool, stream.next, 0.2)
+            if lost:
+                log.info("map %s: change feed overflowed by %d for %s: sending a snapshot", name, lost, peer)
+                self.metrics.add("resyncs_total", peer=peer, map=name)
+                await self._snapshot(peer, name, mask, writer)
+            if recs:
+                await self._send(writer, records_frame(name, recs), peer, name, True)
+
+    # ---- mirror side: follow an owner -------------------------------------------------
+
+    async def _mirror_from(self, owner: str) -> None:
+        cfg = self.cfg
+        host, port = cfg.hosts[owner]
+        backoff = 0.05
+        masks = {n: mk for n, mk in self._masks[owner].items() if mk.members}
+        while True:
+            writer = None
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), cfg.timeout)
+                await client_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+                sub = {n: {"partitions": mk.partitions, "owned": sorted(mk.members)} for n, mk in masks.items()}
+                writer.write(jframe(T.SUBSCRIBE, {"maps": sub}))
+                await writer.drain()
+                backoff = 0.05
+                self.metrics.peers[owner] = {"connected": True, "since": time.time()}
+                log.info("following %s at %s:%d for %s", owner, host, port, ", ".join(masks))
+                await self._follow(owner, reader, masks)
+            except asyncio.CancelledError:
+                raise
+            except (ProtocolError, InvalidArgument) as e:
+                log.warning("owner %s: %s", owner, e)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+                log.info("owner %s unreachable or gone: %s", owner, type(e).__name__)
+            finally:
+                if writer is not None:
+                    writer.close()
+            self.metrics.peers[owner] = {"connected": False, "since": time.time()}
+            self.metrics.add("reconnects_total", peer=owner)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _follow(self, owner: str, reader: asyncio.StreamReader, masks: Dict[str, mirror.PartitionMask]) -> None:
+        snap: Dict[str, Set[bytes]] = {}  # maps in a snapshot: the keys it has carried so far
+        while True:
+            kind, payload = await asyncio.wait_for(read_frame(reader), self.cfg.timeout * 2)
+            if kind == T.HEARTBEAT:
+                continue
+            if kind == T.RECORDS:
+                name, recs = split_records(payload)
+                if name not in masks:
+                    raise ProtocolError(f"records for map {name!r}, which {owner} does not ship to us")
+                n, applied = mirror.apply_records(self.maps[name], recs, masks[name])
+                self.metrics.add("records_received_total", n, peer=owner, map=name)
+                self.metrics.add("records_applied_total", applied, peer=owner, map=name)
+                if name in snap:
+                    snap[name].update(_keys_of(recs))
+            elif kind == T.SNAP_BEGIN:
+                snap[json.loads(payload)["map"]] = set()
+            elif kind == T.SNAP_END:
+                end = json.loads(payload)
+                self._prune(end["map"], masks[end["map"]], snap.pop(end["map"]), int(end["floor"]))
+            elif kind == T.ERROR:
+                raise ProtocolError(f"{owner} refused us: {payload.decode('utf-8', 'replace')}")
+            else:
+                raise ProtocolError(f"unexpected frame type {kind} from {owner}")
+
+    def _prune(self, name: str, mask: mirror.PartitionMask, seen: Set[bytes], floor: int) -> None:
+        """After a snapshot: keys we hold in its partitions that it did not
+        carry had their tombstones dropped by a migration on the owner;
+        their deletion is newer than anything we hold, and at most the
+        owner's version floor."""
+        m = self.maps[name]
+        stale = [k for k in m.keys() if mirror.partition_of(k, mask.partitions) in mask and k not in seen]
+        for k in stale:
+            cur = m.get_versioned(k)
+            if cur is not None and cur[1] < floor:
+                lib.sg_map_apply(m._h, k, len(k), b"", 0, floor, 1)
+        if stale:
+            log.info("map %s: %d keys deleted on the owner while we were away", name, len(stale))
+
+    # ---- metrics -------------------------------------------------------------------
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            path = line.split()[1].decode() if len(line.split()) > 1 else "/"
+            if path.startswith("/status"):
+                body = json.dumps({"host": self.cfg.name, "peers": self.metrics.peers,
+                                   "counters": self.metrics.c}).encode()
+                ctype = b"application/json"
+            else:
+                body = self.metrics.prometheus().encode()
+                ctype = b"text/plain; version=0.0.4"
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Length: " +
+                         str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+def run(cfg: Config) -> int:
+    """Run a bridge until SIGTERM or SIGINT."""
+    async def main() -> None:
+        b = Bridge(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, b.stop)
+        await b.run()
+
+    try:
+        asyncio.run(main())
+    except ShmgridError as e:
+        log.error("bridge %s: %s", cfg.name, e)
+        return 1
+    return 0

@@ -1,0 +1,249 @@
+"""Two grids and two bridges on 127.0.0.1: mirrors converge to the owners'
+data (values and versions), across a bridge killed and restarted; bad
+peers and bad frames are refused and change nothing; bad configurations
+are refused before anything starts."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import unique_grid_name, unlink_quietly
+
+import shmgrid
+from shmgrid import mirror
+from shmgrid.bridge import protocol
+
+PARTS = 8
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, name, grids, ports, metrics, extra=""):
+    hosts = "\n".join(f'{h} = "127.0.0.1:{p}"' for h, p in ports.items())
+    path.write_text(f'''name = "{name}"
+grid = "{grids[name]}"
+grid_size = "64MiB"
+secret_file = "cluster.key"
+metrics = "127.0.0.1:{metrics[name]}"
+timeout = 1.0
+
+[hosts]
+{hosts}
+
+[maps.users]
+partitions = {PARTS}
+capacity = 4096
+max_key = 64
+max_value = 256
+{extra}''')
+
+
+class Cluster:
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        (tmp_path / "cluster.key").write_bytes(os.urandom(32).hex().encode())
+        self.grids = {h: unique_grid_name() for h in "ab"}
+        self.ports = {h: free_port() for h in "ab"}
+        self.mports = {h: free_port() for h in "ab"}
+        self.procs = {}
+        for h in "ab":
+            write_config(tmp_path / f"{h}.toml", h, self.grids, self.ports, self.mports)
+
+    def start(self, h):
+        log = open(self.dir / f"{h}.log", "a")
+        self.procs[h] = subprocess.Popen([sys.executable, "-m", "shmgrid.bridge", "run", "--config",
+                                          str(self.dir / f"{h}.toml")], stdout=log, stderr=log)
+        deadline = time.monotonic() + 20
+        while True:  # ready when its metrics answer
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.mports[h]}/status", timeout=1).read()
+                return
+            except OSError:
+                assert self.procs[h].poll() is None, self.log(h)
+                assert time.monotonic() < deadline, "bridge did not come up\n" + self.log(h)
+                time.sleep(0.05)
+
+    def log(self, h):
+        return (self.dir / f"{h}.log").read_text()
+
+    def status(self, h):
+        import json
+        return json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.mports[h]}/status", timeout=2))
+
+    def stop(self, h, sig=signal.SIGTERM):
+        p = self.procs.pop(h)
+        p.send_signal(sig)
+        return p.wait(10)
+
+    def close(self):
+        for h in list(self.procs):
+            self.stop(h, signal.SIGKILL)
+        for g in self.grids.values():
+            unlink_quietly(g)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def owned(host, key):
+    return "ab"[mirror.partition_of(key, PARTS) % 2] == host  # round-robin over sorted [hosts]
+
+
+def wait_converged(ga, gb, timeout=20.0):
+    A, B = ga.map("users"), gb.map("users")
+    deadline = time.monotonic() + timeout
+    while True:
+        sa = {k: A.get_versioned(k) for k in A.keys()}
+        sb = {k: B.get_versioned(k) for k in B.keys()}
+        if sa == sb:
+            return sa
+        assert time.monotonic() < deadline, f"not converged: {len(sa)} keys on a, {len(sb)} on b"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+def test_mirrors_converge_and_survive_a_killed_bridge(cluster):
+    cluster.start("a")
+    cluster.start("b")
+    ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+    try:
+        A, B = ga.map("users"), gb.map("users")
+        keys = [b"user:%d" % i for i in range(400)]
+        for i, k in enumerate(keys):  # each host writes the keys it owns
+            (A if owned("a", k) else B)[k] = b"v%d" % i
+        state = wait_converged(ga, gb)
+        assert len(state) == 400
+        cluster.stop("b", signal.SIGKILL)
+        for i, k in enumerate(keys):  # a keeps writing while b's bridge is dead
+            if owned("a", k):
+                if i % 5 == 0:
+                    del A[k]
+                else:
+                    A[k] = b"w%d" % i
+        cluster.start("b")
+        state = wait_converged(ga, gb)
+        assert all(state[k][0] == b"w%d" % i for i, k in enumerate(keys) if owned("a", k) and i % 5)
+        assert not any(k in state for i, k in enumerate(keys) if owned("a", k) and i % 5 == 0)
+        st = cluster.status("b")
+        assert st["peers"]["a"]["connected"]
+        assert any(k.startswith("records_applied_total") and v > 0 for k, v in st["counters"].items())
+    finally:
+        ga.close()
+        gb.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_long_absence_needs_a_snapshot_and_drops_deleted_keys(cluster):
+    """Away past the change feed (more changes than it holds) and past a
+    migration that dropped tombstones: the snapshot brings the mirror back,
+    deleted keys included."""
+    cluster.start("a")
+    cluster.start("b")
+    ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+    try:
+        A = ga.map("users")
+        mine = [k for k in (b"k%d" % i for i in range(2000)) if owned("a", k)][:300]
+        for k in mine:
+            A[k] = b"1"
+        wait_converged(ga, gb)
+        cluster.stop("b", signal.SIGKILL)
+        for _ in range(40):  # > FEED_SLOTS changes
+            for k in mine[:250]:
+                A[k] = b"2"
+        for k in mine[250:]:
+            del A[k]
+        A.compact()  # drops the tombstones: the deletes exist only as absence now
+        cluster.start("b")
+        state = wait_converged(ga, gb)
+        assert len(state) == 250 and all(v[0] == b"2" for v in state.values())
+    finally:
+        ga.close()
+        gb.close()
+
+
+async def _raw(port, data, read=True):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if read:
+            await protocol.read_frame(r, protocol.MAX_HANDSHAKE)  # HELLO
+        w.write(data)
+        await w.drain()
+        return await asyncio.wait_for(r.read(), 5)  # the bridge closes on us
+    finally:
+        w.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what,data", [
+    ("garbage", b"\x00GARBAGE\xff" * 10),
+    ("oversized", struct.pack("<IB", 1 << 30, protocol.T.AUTH)),
+    ("truncated", struct.pack("<IB", 100, protocol.T.AUTH) + b"x" * 10),
+    ("wrong secret", protocol.frame(protocol.T.AUTH, b"\0" * 32 + os.urandom(32) + b"b")),
+])
+def test_bad_peers_are_refused_and_change_nothing(cluster, what, data):
+    cluster.start("a")
+    ga = shmgrid.Grid.attach(cluster.grids["a"])
+    try:
+        before = ga.map("users").validate()["live"]
+        out = asyncio.run(_raw(cluster.ports["a"], data))
+        assert b"AUTH_OK" not in out and len(out) < 64  # nothing but, at most, an error
+        deadline = time.monotonic() + 10
+        while "rejected" not in cluster.log("a"):
+            assert time.monotonic() < deadline, cluster.log("a")
+            time.sleep(0.05)
+        assert ga.map("users").validate()["live"] == before
+        assert cluster.procs["a"].poll() is None  # still serving
+    finally:
+        ga.close()
+
+
+@pytest.mark.parametrize("extra,field", [
+    ('owners = ["a", "c", "a", "b", "a", "b", "a", "b"]', "maps.users.owners[1]: 'c' is not a host"),
+    ('owners = ["a", "b"]', "maps.users.owners: expected a list of 8 host names"),
+    ('colour = "blue"', "maps.users.colour: unknown field"),
+])
+def test_bad_configurations_are_refused_before_starting(tmp_path, extra, field):
+    (tmp_path / "cluster.key").write_bytes(b"x" * 32)
+    write_config(tmp_path / "a.toml", "a", {"a": "g1", "b": "g2"}, {"a": 1, "b": 2}, {"a": 3, "b": 4}, extra)
+    r = subprocess.run([sys.executable, "-m", "shmgrid.bridge", "run", "--config", str(tmp_path / "a.toml")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and field in r.stderr, r.stderr
+    assert not os.path.exists("/dev/shm/g1")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from shmgrid.bridge.config import ConfigError, parse
+
+    (tmp_path / "k").write_bytes(b"s" * 20)
+    base = {"name": "a", "grid": "g", "secret_file": "k", "hosts": {"a": "127.0.0.1:1"},
+            "maps": {"m": {"partitions": 2}}}
+    cfg = parse(base, str(tmp_path / "c.toml"))
+    assert cfg.maps["m"].owners == ("a", "a") and cfg.timeout == 2.0
+    for change, msg in [
+        ({"name": "z"}, "name: 'z' is not a host"),
+        ({"hosts": {"a": "nohost"}}, "hosts.a: expected \"host:port\""),
+        ({"timeout": -1}, "timeout:"),
+        ({"secret_file": "missing"}, "secret_file: cannot read"),
+        ({"maps": {"m": {"partitions": 0}}}, "maps.m.partitions"),
+        ({"metrics": "x:99999"}, "metrics:"),
+        ({"grid_size": "lots"}, "grid_size:"),
+        ({"extra": 1}, "unknown field 'extra'"),
+    ]:
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(")):
+            parse({**base, **change}, str(tmp_path / "c.toml"))
