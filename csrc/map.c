@@ -845,6 +845,23 @@ static int sg__decide(sg__update *u, const sg__cur *c, int64_t cur, sg_block *nb
     return 0;
 }
 
+/* Whether a key of this hash belongs to a partition another host owns. */
+static int sg__remote(sg_map *m, uint64_t hash)
+{
+    /* SYNC POINT: mirror-desc (acquire) */
+    uint64_t off = sg_load_acquire(&m->hdr->mirror);
+    if (!off)
+        return 0;
+    sg_block *b = sg__block(m->g, off);
+    if (!b)
+        return 0; /* damaged: behave as unmirrored rather than refuse every write */
+    const sg_mirror_desc *d = (const sg_mirror_desc *)b->payload;
+    uint32_t p = d->partitions ? (uint32_t)(hash % d->partitions) : 0;
+    if (!d->partitions || sizeof *d + p / 8 >= SG_META_LEN(b->meta))
+        return 0;
+    return !((d->local[p / 8] >> (p % 8)) & 1);
+}
+
 static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
 {
     if (!m || !m->g || !m->g->base)
@@ -860,6 +877,8 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
         return sg__fail(SG_EVALSIZE, "incr needs 8-byte values; this map's max_value is %u", m->max_value);
 
     uint64_t hash = sg_hash64(key, klen);
+    if (u->op != OP_APPLY && sg__remote(m, hash))
+        return sg__fail_const(SG_EREMOTE, "the key's partition is owned by another host: write through the bridge");
     int creates = u->op == OP_PUT || u->op == OP_PUT_IF_ABSENT || u->op == OP_INCR || u->op == OP_APPLY ||
                   (u->op == OP_CAS_VERSION && u->expected_version == 0);
 
@@ -1118,6 +1137,32 @@ int sg_iter_open(sg_map *m, sg_iter **out)
 
 /* Whether a key of this hash is in one of the partitions of mask (nparts
  * 0: no filter). A key's partition is its 64-bit hash modulo nparts. */
+int sg_map_set_mirror(sg_map *m, uint32_t partitions, const uint8_t *local_mask)
+{
+    if (!m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    if (partitions > 65536)
+        return sg__fail(SG_EINVAL, "partitions %u is over the limit of 65536", partitions);
+    uint64_t off = 0;
+    if (partitions) {
+        sg_mirror_desc *d;
+        size_t bytes = (partitions + 7) / 8;
+        int rc = sg__object_alloc(m->g, sizeof *d + bytes, (void **)&d, &off);
+        if (rc)
+            return rc;
+        d->partitions = partitions;
+        memcpy(d->local, local_mask, bytes);
+    }
+    /* SYNC POINT: mirror-desc (release): the descriptor is complete */
+    sg_store_release(&m->hdr->mirror, off);
+    return SG_OK;
+}
+
+int sg_map_is_remote(sg_map *m, const char *key, size_t klen)
+{
+    return m->g->base ? sg__remote(m, sg_hash64(key, klen)) : 0;
+}
+
 uint64_t sg_map_version_floor(sg_map *m)
 {
     return m->g->base ? sg_load_acquire(&m->hdr->version_floor) : 0;
@@ -1498,6 +1543,9 @@ int sg_map_validate(sg_map *m, int repair, sg_map_report *out)
         out->live_counter = (int64_t)sg_load_relaxed(&m->hdr->live);
         out->table_bytes = sg__class_size(SG_META_CLASS(tb->meta));
         out->block_bytes = sg__class_size(SG_META_CLASS(hb->meta));
+        uint64_t mirror = sg_load_acquire(&m->hdr->mirror);
+        if (mirror && sg__block(m->g, mirror)) /* the mirror descriptor */
+            out->block_bytes += sg__class_size(SG_META_CLASS(sg__block(m->g, mirror)->meta));
         if (m->feed) /* the change feed's block */
             out->block_bytes += sg__class_size(SG_META_CLASS(((sg_block *)((uint8_t *)m->feed - SG_BLOCK_HDR))->meta));
         out->generation = t.h->generation;

@@ -132,7 +132,7 @@ uint32_t sg_layout_signature(void)
         sizeof(sg_topic_hdr), offsetof(sg_topic_hdr, joins), offsetof(sg_topic_hdr, advanced), sizeof(sg_sub_rec),
         sizeof(sg_counter_hdr), sizeof(sg_lock_hdr), offsetof(sg_lock_hdr, owner_deaths),
         SG_RING_SKIP(1), SG_TOPIC_SKIP(1), SG_CLAIM(16, SG_CLAIM_PUBLISH), SG_EVENT_WAITERS,
-        offsetof(sg_map_hdr, feed), sizeof(sg_feed_hdr), sizeof(sg_feed_rec), SG_FEED_PUB(1), SG_FEED_DELETE,
+        offsetof(sg_map_hdr, feed), offsetof(sg_map_hdr, mirror), sizeof(sg_mirror_desc), sizeof(sg_feed_hdr), sizeof(sg_feed_rec), SG_FEED_PUB(1), SG_FEED_DELETE,
     };
     uint64_t h = sg_hash64((const char *)v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));

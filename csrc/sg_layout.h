@@ -307,8 +307,23 @@ typedef struct sg_map_hdr {
     /* line 4: the change feed (see "Change feed" below): offset of its
      * block, written by the creator; 0 for none. */
     uint64_t feed;
-    uint8_t _pad4[SG_CACHE_LINE - 8];
+    /* 0, or the offset of an sg_mirror_desc: the map is mirrored across
+     * hosts and writes to partitions owned elsewhere are refused here
+     * (SG_EREMOTE: the caller goes through the bridge). Stored with
+     * release by the bridge after the descriptor is complete (SYNC POINT:
+     * mirror-desc); every write loads it with acquire. */
+    uint64_t mirror;
+    uint8_t _pad4[SG_CACHE_LINE - 16];
 } sg_map_hdr;
+
+/* Which partitions of a mirrored map this host owns. Written once before
+ * it is published in sg_map_hdr.mirror; a new bridge run publishes a new
+ * one (the old one, a few hundred bytes, is left behind). */
+typedef struct sg_mirror_desc {
+    uint32_t partitions;  /* a key's partition: its 64-bit hash modulo this */
+    uint32_t _pad;
+    uint8_t local[];      /* bit p of byte p / 8: partition p is owned here */
+} sg_mirror_desc;
 
 _Static_assert(offsetof(sg_map_hdr, capacity) == 0, "layout");
 _Static_assert(offsetof(sg_map_hdr, max_key) == 8, "layout");

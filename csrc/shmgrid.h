@@ -50,6 +50,7 @@
 #define SG_ENOTOWNER -23
 #define SG_EDEADLK -24
 #define SG_ELAPPED -25
+#define SG_EREMOTE -26
 #define SG_OWNERDIED 2
 
 #define SG_SEGMENT_MAGIC 0x00444952474d4853
@@ -400,6 +401,13 @@ typedef struct sg_record_hdr {
  * SG_NO if not newer. Idempotent: replays are harmless. */
 int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen, uint64_t version,
                  int tombstone);
+/* Mark the map mirrored (partitions > 0): writes to keys of partitions
+ * whose bit is clear in local_mask are refused with SG_EREMOTE, except
+ * sg_map_apply. partitions 0: not mirrored any more. */
+int sg_map_set_mirror(sg_map *m, uint32_t partitions, const uint8_t *local_mask);
+/* 1 if the key's partition is owned by another host, 0 if not (or the map
+ * is not mirrored). */
+int sg_map_is_remote(sg_map *m, const char *key, size_t klen);
 /* The map's version floor: every version a migration dropped with a
  * tombstone is at most this, and versions given from now on are above it. */
 uint64_t sg_map_version_floor(sg_map *m);

@@ -158,6 +158,7 @@ _BY_CODE: dict[int, type[ShmgridError]] = {
     lib.SG_ENOTOWNER: LockNotHeld,
     lib.SG_EDEADLK: Deadlock,
     lib.SG_EAGAIN: Busy,
+    lib.SG_EREMOTE: RemoteUnavailable,
 }
 
 

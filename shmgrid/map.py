@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from ._core import ffi, lib
 from .errors import InvalidArgument, raise_for
 from .grid import cname
+from .remote import b64, call, unb64
 
 __all__ = ["Map"]
 
@@ -27,6 +28,7 @@ BytesLike = Union[bytes, bytearray, memoryview]
 Key = Union[str, BytesLike]
 
 _NO = lib.SG_NO
+_EREMOTE = lib.SG_EREMOTE
 _ABSENT = lib.SG_ENOKEY
 _io_get = lib.sg_io_get
 _io_put = lib.sg_io_put
@@ -167,10 +169,15 @@ class Map(MutableMapping):  # type: ignore[type-arg]
 
     # ---- reads ----------------------------------------------------------------
 
-    def get(self, key: Key, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` if absent."""
+    def get(self, key: Key, default: Any = None, consistent: bool = False) -> Any:
+        """The value of ``key``, or ``default`` if absent. On a mirrored map,
+        the local copy (which may lag the owner); ``consistent=True`` asks
+        the owner host instead."""
         if type(key) is not bytes:
             key = _key(key)
+        if consistent and lib.sg_map_is_remote(self._h, key, len(key)):
+            r = self._remote("get", key)
+            return unb64(r["value"]) if r["ok"] else default
         io, view = self._tls.get_args
         n = _io_get(io, key, len(key))
         if n >= 0:
@@ -223,6 +230,8 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         ver = _io_put(self._tls.io, key, len(key), value, len(value))
         if ver > 0:
             return ver  # type: ignore[no-any-return]
+        if ver == _EREMOTE:
+            return self._remote("put", key, value=value)["version"]  # type: ignore[no-any-return]
         raise_for(ver)
 
     def __setitem__(self, key: Key, value: BytesLike) -> None:
@@ -237,6 +246,8 @@ class Map(MutableMapping):  # type: ignore[type-arg]
             return True
         if rc == _NO:
             return False
+        if rc == _EREMOTE:
+            return self._remote("put_if_absent", k, value=v)["ok"]  # type: ignore[no-any-return]
         raise_for(rc)
 
     def replace(self, key: Key, expected: BytesLike, new: BytesLike) -> bool:
@@ -247,6 +258,8 @@ class Map(MutableMapping):  # type: ignore[type-arg]
             return True
         if rc == _NO:
             return False
+        if rc == _EREMOTE:
+            return self._remote("replace", k, expected=e, value=v)["ok"]  # type: ignore[no-any-return]
         raise_for(rc)
 
     def compare_and_set(self, key: Key, version: int, value: BytesLike) -> Optional[int]:
@@ -262,6 +275,9 @@ class Map(MutableMapping):  # type: ignore[type-arg]
             return ver[0]  # type: ignore[no-any-return]
         if rc == _NO:
             return None
+        if rc == _EREMOTE:
+            r = self._remote("compare_and_set", k, expected_version=version, value=v)
+            return r["version"] if r["ok"] else None
         raise_for(rc)
 
     def delete(self, key: Key) -> bool:
@@ -272,6 +288,8 @@ class Map(MutableMapping):  # type: ignore[type-arg]
             return True
         if rc == _NO:
             return False
+        if rc == _EREMOTE:
+            return self._remote("delete", k)["ok"]  # type: ignore[no-any-return]
         raise_for(rc)
 
     def __delitem__(self, key: Key) -> None:
@@ -285,6 +303,11 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         rc = lib.sg_map_delete(self._h, k, len(k), b.val, self._cap, b.len, b.ver)
         if rc == 0:
             return ffi.unpack(b.val, b.len[0])
+        if rc == _EREMOTE:
+            r = self._remote("pop", k)
+            if r["ok"]:
+                return unb64(r["value"])
+            rc = _NO
         if rc == _NO:
             if default is _MISSING:
                 raise KeyError(key)
@@ -301,8 +324,17 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         io = self._tls.io
         rc = _io_incr(io, key, len(key), delta)
         if rc:
+            if rc == _EREMOTE:
+                return self._remote("incr", key, delta=delta)["result"]  # type: ignore[no-any-return]
             raise_for(rc)
         return io.result  # type: ignore[no-any-return]
+
+    def _remote(self, op: str, key: bytes, value: Optional[bytes] = None, expected: Optional[bytes] = None,
+                **args: Any) -> Dict[str, Any]:
+        """Do ``op`` on the host that owns ``key``'s partition, through this
+        host's bridge; returns once this host's mirror has the result."""
+        req = {"op": op, "map": self._name, "key": b64(key), "value": b64(value), "expected": b64(expected), **args}
+        return call(self._grid.name, req)
 
     def setdefault(self, key: Key, default: BytesLike = b"") -> bytes:  # type: ignore[override]
         """The value of ``key``, storing ``default`` first if it is absent (atomic)."""

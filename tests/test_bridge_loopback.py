@@ -247,3 +247,77 @@ def test_config_errors_name_the_field(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(")):
             parse({**base, **change}, str(tmp_path / "c.toml"))
+
+
+def _incr_worker(grid_name, keys, n, out):
+    with shmgrid.Grid.attach(grid_name) as g:
+        m = g.map("users")
+        for i in range(n):
+            m.incr(keys[i % len(keys)])
+    out.put(n)
+
+
+@pytest.mark.timeout(120)
+def test_remote_writes_cas_semantics_and_read_your_writes(cluster):
+    cluster.start("a")
+    cluster.start("b")
+    ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+    try:
+        A, B = ga.map("users"), gb.map("users")
+        ka = next(k for k in (b"ka%d" % i for i in range(100)) if owned("a", k))
+        kb = next(k for k in (b"kb%d" % i for i in range(100)) if owned("b", k))
+        # b writes a key a owns: applied on a, visible on b when put returns
+        v = B.put(ka, b"from-b")
+        assert B.get_versioned(ka) == (b"from-b", v)
+        assert A.get_versioned(ka) == (b"from-b", v)
+        assert B.get(ka, consistent=True) == b"from-b"
+        assert not B.put_if_absent(ka, b"no") and B.replace(ka, b"from-b", b"r")
+        assert B.compare_and_set(ka, v, b"stale") is None
+        v2 = B.compare_and_set(ka, v + 1, b"cas")
+        assert v2 == v + 2 and A.get(ka) == b"cas" and B.get(ka) == b"cas"
+        assert B.pop(ka) == b"cas" and ka not in B and ka not in A
+        assert B.incr(ka, 5) == 5 and A.incr(ka) == 6
+        wait_converged(ga, gb)
+        B.put(kb, b"x")
+        with pytest.raises(shmgrid.NotAnInteger):  # the owner's error, raised here
+            A.incr(kb)
+        B.delete(kb)
+        # two hosts racing incr on the same keys (owned by a and by b): exact totals
+        from workers import FORK
+        keys = [ka, kb]
+        q = FORK.Queue()
+        procs = [FORK.Process(target=_incr_worker, args=(cluster.grids[h], keys, 300, q)) for h in "abab"]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(90)
+            assert p.exitcode == 0
+        state = wait_converged(ga, gb)
+        assert struct.unpack("<q", state[ka][0])[0] == 6 + 600
+        assert struct.unpack("<q", state[kb][0])[0] == 600
+    finally:
+        ga.close()
+        gb.close()
+
+
+@pytest.mark.timeout(60)
+def test_remote_unavailable_when_the_owner_is_down(cluster):
+    cluster.start("a")
+    cluster.start("b")
+    ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+    try:
+        B = gb.map("users")
+        ka = next(k for k in (b"ka%d" % i for i in range(100)) if owned("a", k))
+        cluster.stop("a", signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(shmgrid.RemoteUnavailable):
+            B.put(ka, b"lost")
+        assert time.monotonic() - t0 < 5
+        assert B.get(ka) is None and ga.map("users").get(ka) is None  # applied nowhere
+        cluster.stop("b")  # and with no bridge at all on this host
+        with pytest.raises(shmgrid.RemoteUnavailable, match="no bridge is running") as e:
+            B.put(ka, b"lost")
+        assert "may or may not" not in str(e.value)
+    finally:
+        ga.close()
+        gb.close()

@@ -7,8 +7,13 @@ when its change feed overflowed; mirrors apply only what is newer
 authenticated connection to each host that owns partitions it mirrors, and
 reconnects with backoff. Records travel in buffers built and applied in C.
 
-Not here yet (issue 4): remote writes from non-owner hosts, consistent
-reads, TLS, mirror lag in seconds.
+Writes to partitions owned elsewhere come from local processes over a
+Unix socket (shmgrid.remote), go to the owner on the same connection the
+mirror follows it on, are applied there with the ordinary map operation,
+and are answered once the local mirror holds the resulting version.
+
+Not here yet (issue 4): TLS, mirror lag in seconds, the fault tests across
+network namespaces, the two-host demo and the benchmark.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import time
 from typing import Any, Dict, List, Optional, Set
 
 from .. import mirror
-from .._core import lib
-from ..errors import InvalidArgument, ShmgridError
+from .._core import ffi, lib
+from ..errors import InvalidArgument, RemoteUnavailable, ShmgridError
+from ..remote import b64, socket_address, unb64
 from ..grid import Grid
 from .config import Config
 from .protocol import T, ProtocolError, client_handshake, frame, jframe, read_frame, records_frame, server_handshake
@@ -72,6 +78,9 @@ class Bridge:
         self.grid: Optional[Grid] = None
         self._stop = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bridge-feed")
+        self._owner_writers: Dict[str, asyncio.StreamWriter] = {}  # owners we follow, while connected
+        self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
+        self._next_id = 1
         self._masks: Dict[str, Dict[str, mirror.PartitionMask]] = {}  # owner -> map -> its partitions
         for h in cfg.hosts:
             self._masks[h] = {n: mirror.PartitionMask(mc.partitions, mc.owned_by(h)) for n, mc in cfg.maps.items()}
@@ -86,8 +95,14 @@ class Bridge:
         self.grid = Grid.open(cfg.grid, size=cfg.grid_size)
         for n, mc in cfg.maps.items():
             self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
+        for n, mc in cfg.maps.items():  # writes to other hosts' partitions now come through us
+            rc = lib.sg_map_set_mirror(self.maps[n]._h, mc.partitions, self._masks[cfg.name][n].c)
+            if rc:
+                from ..errors import raise_for
+                raise_for(rc)
         host, port = cfg.listen
         server = await asyncio.start_server(self._serve, host, port)
+        local = await asyncio.start_unix_server(self._serve_local, path=socket_address(cfg.grid))
         log.info("bridge %s listening on %s:%d, grid %s, maps %s", cfg.name, host, port, cfg.grid,
                  ", ".join(cfg.maps))
         tasks = [asyncio.ensure_future(self._mirror_from(p)) for p in cfg.peers
@@ -103,6 +118,10 @@ class Bridge:
             for t in tasks:
                 t.cancel()
             server.close()
+            local.close()
+            for f in self._pending.values():
+                if not f.done():
+                    f.set_exception(RemoteUnavailable("the bridge is stopping"))
             if mserver:
                 mserver.close()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -138,14 +157,22 @@ class Bridge:
             for name in wanted:
                 tasks.append(asyncio.ensure_future(self._ship(peer, name, writer)))
             tasks.append(asyncio.ensure_future(self._heartbeat(writer)))
-            # the mirror sends nothing more: a read returns when it goes away
-            while await reader.read(4096):
-                pass
+            while True:  # then only remote writes, until it goes away
+                kind, payload = await read_frame(reader)
+                if kind != T.WRITE:
+                    raise ProtocolError(f"unexpected frame type {kind} from mirror {peer}")
+                req = json.loads(payload)
+                result = self._apply_owned(peer, req)
+                result["id"] = req["id"]
+                writer.write(jframe(T.WRITE_RESULT, result))
+                await writer.drain()
         except (ProtocolError, ValueError, KeyError, TypeError) as e:
             self.metrics.add("rejected_connections_total")
             log.warning("connection from %s (%s) rejected: %s", addr, peer or "unauthenticated", e)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
-            if peer is None:  # gone or silent before proving it holds the secret
+            if peer is not None and isinstance(e, asyncio.IncompleteReadError) and not e.partial:
+                log.info("mirror %s disconnected", peer)
+            elif peer is None:  # gone or silent before proving it holds the secret
                 self.metrics.add("rejected_connections_total")
                 log.warning("connection from %s rejected: %s during the handshake", addr, type(e).__name__)
             else:
@@ -216,6 +243,7 @@ class Bridge:
                 backoff = 0.05
                 self.metrics.peers[owner] = {"connected": True, "since": time.time()}
                 log.info("following %s at %s:%d for %s", owner, host, port, ", ".join(masks))
+                self._owner_writers[owner] = writer
                 await self._follow(owner, reader, masks)
             except asyncio.CancelledError:
                 raise
@@ -223,8 +251,12 @@ class Bridge:
                 log.warning("owner %s: %s", owner, e)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 log.info("owner %s unreachable or gone: %s", owner, type(e).__name__)
+            except Exception:  # a bug: say so, and keep following
+                log.exception("following owner %s failed", owner)
             finally:
                 if writer is not None:
+                    if self._owner_writers.get(owner) is writer:
+                        del self._owner_writers[owner]
                     writer.close()
             self.metrics.peers[owner] = {"connected": False, "since": time.time()}
             self.metrics.add("reconnects_total", peer=owner)
@@ -251,6 +283,11 @@ class Bridge:
             elif kind == T.SNAP_END:
                 end = json.loads(payload)
                 self._prune(end["map"], masks[end["map"]], snap.pop(end["map"]), int(end["floor"]))
+            elif kind == T.WRITE_RESULT:
+                res = json.loads(payload)
+                f = self._pending.pop(res.pop("id"), None)
+                if f is not None and not f.done():
+                    f.set_result(res)
             elif kind == T.ERROR:
                 raise ProtocolError(f"{owner} refused us: {payload.decode('utf-8', 'replace')}")
             else:
@@ -269,6 +306,110 @@ class Bridge:
                 lib.sg_map_apply(m._h, k, len(k), b"", 0, floor, 1)
         if stale:
             log.info("map %s: %d keys deleted on the owner while we were away", name, len(stale))
+
+    # ---- remote writes ----------------------------------------------------------------
+
+    async def _serve_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A local process's requests (shmgrid.remote), one at a time."""
+        try:
+            while True:
+                (n,) = struct.unpack("<I", await reader.readexactly(4))
+                if n > 64 << 20:
+                    raise ProtocolError(f"local request of {n} bytes")
+                req = json.loads(await reader.readexactly(n))
+                t0 = time.monotonic()
+                try:
+                    reply = await self._remote_write(req)
+                except RemoteUnavailable as e:
+                    reply = {"error": "RemoteUnavailable", "message": str(e)}
+                self.metrics.add("remote_writes_total", op=str(req.get("op")))
+                self.metrics.add("remote_write_seconds_total", time.monotonic() - t0)
+                body = json.dumps(reply).encode()
+                writer.write(struct.pack("<I", len(body)) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except (ProtocolError, ValueError, KeyError) as e:
+            log.warning("local client sent a bad request: %s", e)
+        finally:
+            writer.close()
+
+    async def _remote_write(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        cfg = self.cfg
+        name = req["map"]
+        mc = cfg.maps.get(name)
+        if mc is None:
+            return {"error": "InvalidArgument", "message": f"map {name!r} is not mirrored by this bridge"}
+        key = unb64(req["key"]) or b""
+        owner = mc.owners[mirror.partition_of(key, mc.partitions)]
+        if owner == cfg.name:
+            return self._apply_owned(cfg.name, req)
+        deadline = time.monotonic() + cfg.timeout
+        while owner not in self._owner_writers:  # connecting, or reconnecting
+            if time.monotonic() >= deadline:
+                raise RemoteUnavailable(f"owner {owner} of the key's partition is unreachable "
+                                        f"(no connection for {cfg.timeout:g} s); nothing was applied")
+            await asyncio.sleep(0.01)
+        rid = self._next_id
+        self._next_id += 1
+        fut: "asyncio.Future[Dict[str, Any]]" = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self._owner_writers[owner].write(jframe(T.WRITE, {**req, "id": rid}))
+            res = await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, ConnectionError, KeyError):
+            raise RemoteUnavailable(f"owner {owner} did not answer within {cfg.timeout:g} s; the write may or may "
+                                    "not have been applied there") from None
+        finally:
+            self._pending.pop(rid, None)
+        want = res.get("version", 0)
+        if want and "error" not in res:  # read-your-writes: wait for our mirror to hold it
+            m = self.maps[name]
+            ver = ffi.new("uint64_t *")
+            while True:
+                lib.sg_map_get(m._h, key, len(key), ffi.NULL, 0, ver)
+                if ver[0] >= want or time.monotonic() >= deadline + cfg.timeout:
+                    break
+                await asyncio.sleep(0.0002)
+        return res
+
+    def _apply_owned(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
+        """Apply a remote write on a key whose partition is owned here."""
+        name, op = req.get("map"), req.get("op")
+        mc = self.cfg.maps.get(str(name))
+        key = unb64(req.get("key")) or b""
+        if mc is None or mc.owners[mirror.partition_of(key, mc.partitions)] != self.cfg.name:
+            return {"error": "RemoteUnavailable", "message": f"{self.cfg.name} does not own that key of {name!r}"}
+        m = self.maps[str(name)]
+        value, expected = unb64(req.get("value")), unb64(req.get("expected"))
+        try:
+            if op == "put":
+                return {"ok": True, "version": m.put(key, value)}
+            if op == "put_if_absent":
+                r: Dict[str, Any] = {"ok": m.put_if_absent(key, value)}
+            elif op == "replace":
+                r = {"ok": m.replace(key, expected, value)}
+            elif op == "compare_and_set":
+                v = m.compare_and_set(key, int(req["expected_version"]), value)
+                r = {"ok": v is not None}
+            elif op == "delete":
+                r = {"ok": m.delete(key)}
+            elif op == "pop":
+                old = m.pop(key, None)
+                r = {"ok": old is not None, "value": b64(old)}
+            elif op == "incr":
+                r = {"ok": True, "result": m.incr(key, int(req["delta"]))}
+            elif op == "get":
+                got = m.get_versioned(key)
+                return {"ok": got is not None, "value": b64(got[0]) if got else None, "version": 0}
+            else:
+                return {"error": "InvalidArgument", "message": f"unknown operation {op!r}"}
+        except ShmgridError as e:
+            return {"error": type(e).__name__, "message": str(e)}
+        ver = ffi.new("uint64_t *")
+        lib.sg_map_get(m._h, key, len(key), ffi.NULL, 0, ver)
+        r["version"] = ver[0]
+        return r
 
     # ---- metrics -------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ NONCE = 32
 
 class T:
     """Frame types."""
-    HELLO, AUTH, AUTH_OK, SUBSCRIBE, SNAP_BEGIN, RECORDS, SNAP_END, ERROR, HEARTBEAT = range(1, 10)
+    HELLO, AUTH, AUTH_OK, SUBSCRIBE, SNAP_BEGIN, RECORDS, SNAP_END, ERROR, HEARTBEAT, WRITE, WRITE_RESULT = range(1, 12)
 
 
 class ProtocolError(Exception):
