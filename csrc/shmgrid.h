@@ -357,7 +357,8 @@ int sg_lock_info_get(sg_lock *l, sg_lock_info *out);
  * Every successful write to a map appends (key, version, put/delete) to the
  * map's change feed, a ring of SG_FEED_SLOTS records that writers never
  * wait on. A watch reads the changes made after it opened, in the order
- * their writes took positions in the feed (so in version order per key); a
+ * their writes took positions in the feed (two racing writes of one key may
+ * appear in the opposite order of their versions); a
  * watch that falls more than SG_FEED_SLOTS behind is told how many it lost.
  */
 typedef struct sg_change {

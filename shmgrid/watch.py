@@ -4,7 +4,9 @@ Every successful write to a map (put, delete, incr, the CAS forms...)
 appends ``(key, version, put/delete)`` to the map's change feed, a ring of
 ``FEED_SLOTS`` records that writers never wait on. ``m.watch()`` reads the
 changes made after it was opened, in the order their writes took positions
-in the feed, which is version order for each key. A watch that falls more
+in the feed. Two writes of one key racing each other may append in the
+opposite order of their versions (the CAS and the append are two steps):
+the event's version tells the true order. A watch that falls more
 than ``FEED_SLOTS`` changes behind (or finds a change whose writer was
 killed mid-append) gets one ``ChangeEvent(kind="lost", lost=n)`` saying how
 many changes it missed, then carries on: it never blocks writers. Lost

@@ -321,3 +321,59 @@ def test_remote_unavailable_when_the_owner_is_down(cluster):
     finally:
         ga.close()
         gb.close()
+
+
+WRITER = r"""
+import sys, time, shmgrid
+grid, host, ackfile, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+with shmgrid.Grid.attach(grid) as g:
+    m = g.map("users")
+    end, i = time.monotonic() + seconds, 0
+    with open(ackfile, "a") as out:
+        while time.monotonic() < end:
+            k = b"k%d" % (i % 200)
+            try:
+                out.write("%s %d\n" % (k.decode(), m.put(k, b"%s-%d" % (host.encode(), i))))
+                out.flush()
+            except shmgrid.RemoteUnavailable:
+                time.sleep(0.005)
+            i += 1
+"""
+
+
+@pytest.mark.timeout(120)
+def test_through_a_faulty_proxy_delays_and_cut_connections(cluster, tmp_path):
+    """b reaches a only through a proxy that delays every chunk and cuts
+    connections at random; writers on both hosts write every key. Once the
+    proxy heals, both hold the same data and every acknowledged write."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(cluster.ports["a"], delay=0.003, drop=0.01)
+    try:
+        ports_for_b = dict(cluster.ports)
+        ports_for_b["a"] = proxy.port
+        write_config(tmp_path / "b.toml", "b", cluster.grids, ports_for_b, cluster.mports)
+        cluster.start("a")
+        cluster.start("b")
+        # separate interpreters, not forks: the proxy's thread must not be forked
+        ws = [subprocess.Popen([sys.executable, "-c", WRITER, cluster.grids[h], h, str(tmp_path / f"ack-{h}"), "4"])
+              for h in "ab"]
+        for w in ws:
+            assert w.wait(60) == 0
+        proxy.heal()
+        ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+        try:
+            state = wait_converged(ga, gb, timeout=30)
+        finally:
+            ga.close()
+            gb.close()
+        acked = {}
+        for h in "ab":
+            for line in (tmp_path / f"ack-{h}").read_text().split("\n"):
+                if line:
+                    k, v = line.split()
+                    acked[k.encode()] = max(acked.get(k.encode(), 0), int(v))
+        assert acked and proxy.cuts > 0, (len(acked), proxy.cuts)
+        assert all(state[k][1] >= v for k, v in acked.items())
+    finally:
+        proxy.close()
