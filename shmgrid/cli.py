@@ -163,6 +163,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.two_hosts:
+        from .demo_hosts import run_two_hosts
+
+        return run_two_hosts()
     from .demo import run_demo
 
     return run_demo(workers=args.workers, duration=args.duration, keys=args.keys, jobs=args.jobs)
@@ -189,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     s.add_argument("--keys", type=int, default=2000)
     s.add_argument("--jobs", type=int, default=2_000_000, help="jobs through the pipeline stage")
+    s.add_argument("--two-hosts", action="store_true",
+                   help="instead: two grids and two bridges on loopback, replication lag and remote writes")
     s.set_defaults(fn=cmd_demo)
     args = p.parse_args(argv)
     try:

@@ -377,3 +377,45 @@ def test_through_a_faulty_proxy_delays_and_cut_connections(cluster, tmp_path):
         assert all(state[k][1] >= v for k, v in acked.items())
     finally:
         proxy.close()
+
+
+def _make_certs(d):
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=shmgrid-test-ca")
+    run("req", *ec, "-keyout", "host.key", "-out", "host.csr", "-subj", "/CN=bridge")
+    run("x509", "-req", "-in", "host.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "host.crt", "-days", "1")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs openssl to make certificates")
+def test_tls_between_bridges(cluster, tmp_path):
+    _make_certs(tmp_path)
+    tls = '\n[tls]\ncert = "host.crt"\nkey = "host.key"\nca = "ca.crt"\n'
+    for h in "ab":
+        write_config(tmp_path / f"{h}.toml", h, cluster.grids, cluster.ports, cluster.mports, tls)
+    cluster.start("a")
+    cluster.start("b")
+    ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+    try:
+        A, B = ga.map("users"), gb.map("users")
+        for i in range(100):
+            k = b"t%d" % i
+            (A if owned("a", k) else B)[k] = b"over tls"
+        assert len(wait_converged(ga, gb)) == 100
+        assert B.put(next(k for k in (b"t%d" % i for i in range(100)) if owned("a", k)), b"remote") > 1
+    finally:
+        ga.close()
+        gb.close()
+
+    async def plain():  # a client without TLS never even gets a HELLO
+        r, w = await asyncio.open_connection("127.0.0.1", cluster.ports["a"])
+        w.write(b"GET / HTTP/1.0\r\n\r\n")
+        await w.drain()
+        try:
+            return await asyncio.wait_for(r.read(), 5)
+        finally:
+            w.close()
+
+    assert b"HELLO" not in asyncio.run(plain())

@@ -108,3 +108,12 @@ def test_demo_runs_checks_and_cleans_up():
     assert "100,000 of 100,000 jobs came back exactly once" in r.stdout
     grid = r.stdout.split("grid '")[1].split("'")[0]
     assert grid.startswith("shmgrid-demo-") and not os.path.exists(f"/dev/shm/{grid}")
+
+
+@pytest.mark.timeout(90)
+def test_two_host_demo_replicates_and_cleans_up():
+    r = run("demo", "--two-hosts", timeout=80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "lag on b: p50" in r.stdout and "visible on both hosts" in r.stdout and r.stdout.rstrip().endswith("PASS")
+    tag = r.stdout.split("grid shmgrid-demo-a-")[1].split()[0]
+    assert not os.path.exists(f"/dev/shm/shmgrid-demo-a-{tag}") and not os.path.exists(f"/dev/shm/shmgrid-demo-b-{tag}")

@@ -50,13 +50,15 @@ class Config:
     timeout: float = 2.0
     metrics: Optional[Tuple[str, int]] = None
     peers: Tuple[str, ...] = field(default=())
+    tls: Optional[Tuple[str, str, str]] = None  # (cert, key, ca) paths: mutual TLS between bridges
 
     @property
     def listen(self) -> Tuple[str, int]:
         return self.hosts[self.name]
 
 
-_TOP = {"name", "grid", "grid_size", "secret_file", "metrics", "timeout", "hosts", "maps"}
+_TOP = {"name", "grid", "grid_size", "secret_file", "metrics", "timeout", "hosts", "maps", "tls"}
+_TLS = {"cert", "key", "ca"}
 _MAP = {"partitions", "capacity", "max_key", "max_value", "owners"}
 
 
@@ -144,8 +146,20 @@ def parse(data: Dict[str, Any], path: str = "<config>") -> Config:
         kw = {k: _int(where(f"{w}.{k}"), m[k], 1, 2**36) for k in ("capacity", "max_key", "max_value") if k in m}
         maps[str(mname)] = MapConfig(str(mname), parts, owner_t, **kw)
     peers = tuple(h for h in order if h != name)
+    tls = None
+    if "tls" in data:
+        t = data["tls"]
+        if not isinstance(t, dict) or set(t) != _TLS:
+            raise ConfigError(where("tls: expected a table with exactly cert, key and ca (paths)"))
+        paths = []
+        for item in ("cert", "key", "ca"):
+            p = os.path.join(os.path.dirname(os.path.abspath(path)), str(t[item]))
+            if not os.access(p, os.R_OK):
+                raise ConfigError(where(f"tls.{item}: cannot read {p}"))
+            paths.append(p)
+        tls = (paths[0], paths[1], paths[2])
     return Config(path=path, name=name, grid=grid, grid_size=grid_size, secret=secret, hosts=hosts, maps=maps,
-                  timeout=float(timeout), metrics=metrics, peers=peers)
+                  timeout=float(timeout), metrics=metrics, peers=peers, tls=tls)
 
 
 def load(path: str) -> Config:
