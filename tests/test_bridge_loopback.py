@@ -419,3 +419,22 @@ def test_tls_between_bridges(cluster, tmp_path):
             w.close()
 
     assert b"HELLO" not in asyncio.run(plain())
+
+
+@pytest.mark.timeout(60)
+def test_status_and_metrics(cluster):
+    cluster.start("a")
+    cluster.start("b")
+    with shmgrid.Grid.attach(cluster.grids["a"]) as ga, shmgrid.Grid.attach(cluster.grids["b"]) as gb:
+        for i in range(50):
+            k = b"s%d" % i
+            if owned("a", k):
+                ga.map("users")[k] = b"x"
+        wait_converged(ga, gb)
+    r = subprocess.run([sys.executable, "-m", "shmgrid.bridge", "status", "--config", str(cluster.dir / "b.toml")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "partition   0: mirror of a, connected, lag" in r.stdout and "partition   1: owned here" in r.stdout
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.mports['b']}/metrics", timeout=2).read().decode()
+    assert 'shmgrid_bridge_records_applied_total{map="users",peer="a"}' in text
+    assert 'shmgrid_bridge_replication_lag_seconds{map="users",peer="a"}' in text

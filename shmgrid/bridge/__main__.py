@@ -42,9 +42,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as e:
             print(f"shmgrid-bridge: bridge {cfg.name} is not answering on {cfg.metrics}: {e}", file=sys.stderr)
             return 1
-        for peer, ps in sorted(st["peers"].items()):
-            print(f"owner {peer}: {'connected' if ps['connected'] else 'disconnected'}")
-        for k, v in sorted(st["counters"].items()):
+        peers = st["peers"]
+        counters = st["counters"]
+
+        def figure(name: str, peer: str, m: str) -> str:
+            v = counters.get(f'{name}{{map="{m}",peer="{peer}"}}')
+            return "-" if v is None else f"{v:g}"
+
+        print(f"bridge {st['host']}")
+        for m, spec in sorted(st["maps"].items()):
+            print(f"map {m}: {spec['partitions']} partitions")
+            for p_, owner in enumerate(spec["owners"]):
+                if owner == st["host"]:
+                    state = "owned here"
+                else:
+                    ps = peers.get(owner, {})
+                    state = (f"mirror of {owner}, {'connected' if ps.get('connected') else 'DISCONNECTED'}, "
+                             f"lag {figure('replication_lag_seconds', owner, m)} s, "
+                             f"records applied {figure('records_applied_total', owner, m)}")
+                print(f"  partition {p_:3d}: {state}")
+        print("counters:")
+        for k, v in sorted(counters.items()):
             print(f"  {k} {v:g}")
         return 0
     logging.basicConfig(level=args.log_level.upper(),

@@ -50,9 +50,16 @@ class Metrics:
         self.c: Dict[str, float] = {}
         self.peers: Dict[str, Dict[str, Any]] = {}
 
+    @staticmethod
+    def _key(name: str, labels: Dict[str, str]) -> str:
+        return name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+
     def add(self, name: str, n: float = 1, **labels: str) -> None:
-        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        key = self._key(name, labels)
         self.c[key] = self.c.get(key, 0) + n
+
+    def set(self, name: str, v: float, **labels: str) -> None:
+        self.c[self._key(name, labels)] = v
 
     def prometheus(self) -> str:
         lines = []
@@ -220,7 +227,7 @@ class Bridge:
             chunk = await loop.run_in_executor(self._pool, next, gen, None)
             if chunk is None:
                 break
-            await self._send(writer, records_frame(name, chunk), peer, name, True)
+            await self._send(writer, records_frame(name, chunk, time.time()), peer, name, True)
         floor = lib.sg_map_version_floor(m._h)
         await self._send(writer, jframe(T.SNAP_END, {"map": name, "floor": floor}), peer, name, False)
         self.metrics.add("snapshots_sent_total", peer=peer, map=name)
@@ -239,7 +246,8 @@ class Bridge:
                 self.metrics.add("resyncs_total", peer=peer, map=name)
                 await self._snapshot(peer, name, mask, writer)
             if recs:
-                await self._send(writer, records_frame(name, recs), peer, name, True)
+                await self._send(writer, records_frame(name, recs, time.time()), peer, name, True)
+                self.metrics.set("send_queue_bytes", writer.transport.get_write_buffer_size(), peer=peer)
 
     # ---- mirror side: follow an owner -------------------------------------------------
 
@@ -287,12 +295,17 @@ class Bridge:
             if kind == T.HEARTBEAT:
                 continue
             if kind == T.RECORDS:
-                name, recs = split_records(payload)
+                name, sent, recs = split_records(payload)
                 if name not in masks:
                     raise ProtocolError(f"records for map {name!r}, which {owner} does not ship to us")
                 n, applied = mirror.apply_records(self.maps[name], recs, masks[name])
+                lag = max(0.0, time.time() - sent)  # the owner's clock against ours: exact on one machine
                 self.metrics.add("records_received_total", n, peer=owner, map=name)
                 self.metrics.add("records_applied_total", applied, peer=owner, map=name)
+                self.metrics.add("bytes_received_total", len(payload), peer=owner, map=name)
+                self.metrics.set("replication_lag_seconds", lag, peer=owner, map=name)
+                self.metrics.add("replication_lag_seconds_sum", lag, peer=owner, map=name)
+                self.metrics.add("replication_lag_seconds_count", 1, peer=owner, map=name)
                 if name in snap:
                     snap[name].update(_keys_of(recs))
             elif kind == T.SNAP_BEGIN:
@@ -435,7 +448,8 @@ class Bridge:
             line = await asyncio.wait_for(reader.readline(), 5)
             path = line.split()[1].decode() if len(line.split()) > 1 else "/"
             if path.startswith("/status"):
-                body = json.dumps({"host": self.cfg.name, "peers": self.metrics.peers,
+                maps = {n: {"partitions": mc.partitions, "owners": list(mc.owners)} for n, mc in self.cfg.maps.items()}
+                body = json.dumps({"host": self.cfg.name, "peers": self.metrics.peers, "maps": maps,
                                    "counters": self.metrics.c}).encode()
                 ctype = b"application/json"
             else:

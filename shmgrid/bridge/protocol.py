@@ -50,18 +50,21 @@ def jframe(kind: int, obj: Any) -> bytes:
     return frame(kind, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def records_frame(map_name: str, records: bytes) -> bytes:
+def records_frame(map_name: str, records: bytes, sent: float) -> bytes:
+    """RECORDS: u16 name length | name | f64 the owner's clock when it sent
+    them (for lag figures) | records."""
     n = map_name.encode()
-    return frame(T.RECORDS, struct.pack("<H", len(n)) + n + records)
+    return frame(T.RECORDS, struct.pack("<H", len(n)) + n + struct.pack("<d", sent) + records)
 
 
-def split_records(payload: bytes) -> Tuple[str, bytes]:
+def split_records(payload: bytes) -> Tuple[str, float, bytes]:
     if len(payload) < 2:
         raise ProtocolError("RECORDS frame without a map name")
     (n,) = struct.unpack_from("<H", payload)
-    if len(payload) < 2 + n:
-        raise ProtocolError("RECORDS frame with a truncated map name")
-    return payload[2:2 + n].decode("utf-8", "replace"), payload[2 + n:]
+    if len(payload) < 2 + n + 8:
+        raise ProtocolError("RECORDS frame with a truncated map name or time")
+    (sent,) = struct.unpack_from("<d", payload, 2 + n)
+    return payload[2:2 + n].decode("utf-8", "replace"), sent, payload[2 + n + 8:]
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> Tuple[int, bytes]:
