@@ -438,3 +438,29 @@ def test_status_and_metrics(cluster):
     text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.mports['b']}/metrics", timeout=2).read().decode()
     assert 'shmgrid_bridge_records_applied_total{map="users",peer="a"}' in text
     assert 'shmgrid_bridge_replication_lag_seconds{map="users",peer="a"}' in text
+
+
+LOCAL_CLIENT = r"""
+import os, pwd, socket, struct, sys
+os.setgid(pwd.getpwnam("nobody").pw_gid)
+os.setuid(pwd.getpwnam("nobody").pw_uid)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("\0shmgrid-bridge/" + sys.argv[1])
+body = b'{"op": "put", "map": "users", "key": "YQ==", "value": "YQ=="}'
+try:
+    s.sendall(struct.pack("<I", len(body)) + body)
+    s.settimeout(10)
+    print("reply" if s.recv(4) else "closed")
+except (ConnectionResetError, BrokenPipeError):
+    print("closed")
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to user nobody needs root")
+def test_local_socket_refuses_users_who_may_not_write_the_grid(cluster):
+    cluster.start("b")
+    r = subprocess.run([sys.executable, "-c", LOCAL_CLIENT, cluster.grids["b"]], capture_output=True, text=True,
+                       timeout=30)
+    assert r.stdout.strip() == "closed", r.stdout + r.stderr
+    assert "local client refused" in cluster.log("b")

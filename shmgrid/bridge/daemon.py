@@ -21,7 +21,9 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import signal
+import socket
 import ssl
 import struct
 import time
@@ -31,7 +33,7 @@ from .. import mirror
 from .._core import ffi, lib
 from ..errors import InvalidArgument, RemoteUnavailable, ShmgridError
 from ..remote import b64, socket_address, unb64
-from ..grid import Grid
+from ..grid import SHM_DIR, Grid
 from .config import Config
 from .protocol import T, ProtocolError, client_handshake, frame, jframe, read_frame, records_frame, server_handshake
 from .protocol import split_records
@@ -339,8 +341,26 @@ class Bridge:
 
     # ---- remote writes ----------------------------------------------------------------
 
+    def _may_write(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether the connected local process could write the grid itself:
+        the socket is in the abstract namespace, which has no permissions,
+        so the peer's credentials are checked against the grid's mode."""
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            st = os.stat(os.path.join(SHM_DIR, self.cfg.grid))
+        except OSError:
+            return False
+        return (uid == 0 or uid == st.st_uid and st.st_mode & 0o200 or gid == st.st_gid and st.st_mode & 0o020
+                or st.st_mode & 0o002) != 0
+
     async def _serve_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A local process's requests (shmgrid.remote), one at a time."""
+        if not self._may_write(writer):
+            self.metrics.add("rejected_local_clients_total")
+            log.warning("local client refused: it may not write grid %s", self.cfg.grid)
+            writer.close()
+            return
         try:
             while True:
                 (n,) = struct.unpack("<I", await reader.readexactly(4))
