@@ -105,6 +105,20 @@ void sg_watch_free(sg_watch *w) { free(w); }
 
 uint64_t sg_watch_position(sg_watch *w) { return w->m->g->base ? sg_load_acquire(&w->m->feed->tail) : 0; }
 
+uint64_t sg_watch_cursor(sg_watch *w) { return w->cursor; }
+
+int sg_watch_seek(sg_watch *w, uint64_t pos)
+{
+    SG_CHECK_GRID(w->m->g);
+    uint64_t tail = sg_load_acquire(&w->m->feed->tail);
+    if (pos > tail)
+        return sg__fail(SG_EINVAL, "feed position %llu is past the tail %llu", (unsigned long long)pos,
+                        (unsigned long long)tail);
+    w->cursor = pos;
+    w->stuck_since = 0;
+    return SG_OK;
+}
+
 struct sg__watch_op {
     sg_watch *w;
     char *kout;

@@ -376,6 +376,12 @@ void sg_watch_free(sg_watch *w);
 int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns);
 /* Changes appended to the feed so far (its tail). */
 uint64_t sg_watch_position(sg_watch *w);
+/* The feed position the watch reads next. */
+uint64_t sg_watch_cursor(sg_watch *w);
+/* Read from feed position pos instead (at most the tail): a mirror that
+ * reconnects resumes where it was; if the feed has moved on past it, the
+ * next read reports the changes lost. SG_EINVAL if pos is past the tail. */
+int sg_watch_seek(sg_watch *w, uint64_t pos);
 /* ---- mirroring (the bridge) -------------------------------------------------
  *
  * Records carry a key's state between hosts: a 16-byte header, then the

@@ -96,6 +96,17 @@ class ChangeStream:
         """How many changes the map's feed has seen (for lag figures)."""
         return lib.sg_watch_position(self._h)  # type: ignore[no-any-return]
 
+    def cursor(self) -> int:
+        """The feed position this stream reads next: what a mirror has
+        seen once it applied everything sent so far."""
+        return lib.sg_watch_cursor(self._h)  # type: ignore[no-any-return]
+
+    def seek(self, position: int) -> bool:
+        """Resume from ``position`` (a cursor an earlier stream reached);
+        False if it is not a position of this feed (past its tail). If the
+        feed has overwritten changes since, next() reports them lost."""
+        return lib.sg_watch_seek(self._h, position) == 0
+
     def next(self, timeout: Optional[float] = None) -> Tuple[bytes, int]:
         """(records, lost): what changed, waiting up to ``timeout`` seconds
         (None: no limit) for the first change. ``lost`` > 0 means changes

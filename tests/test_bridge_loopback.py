@@ -464,3 +464,50 @@ def test_local_socket_refuses_users_who_may_not_write_the_grid(cluster):
                        timeout=30)
     assert r.stdout.strip() == "closed", r.stdout + r.stderr
     assert "local client refused" in cluster.log("b")
+
+
+def _counter(cluster, host, prefix):
+    st = cluster.status(host)
+    return sum(v for k, v in st["counters"].items() if k.startswith(prefix))
+
+
+@pytest.mark.timeout(60)
+def test_a_short_break_resumes_from_the_feed_a_long_one_resyncs(cluster):
+    cluster.start("a")
+    cluster.start("b")
+    ga, gb = shmgrid.Grid.attach(cluster.grids["a"]), shmgrid.Grid.attach(cluster.grids["b"])
+    try:
+        A = ga.map("users")
+        mine = [k for k in (b"r%d" % i for i in range(400)) if owned("a", k)]
+        for k in mine:
+            A[k] = b"1"
+        wait_converged(ga, gb)
+        snapshots = _counter(cluster, "a", "snapshots_sent_total")
+        # the owner stops past the timeout: b drops the connection and
+        # reconnects; a few changes happened meanwhile
+        cluster.procs["a"].send_signal(signal.SIGSTOP)
+        for k in mine[:20]:
+            A[k] = b"2"
+        time.sleep(2.5)
+        cluster.procs["a"].send_signal(signal.SIGCONT)
+        wait_converged(ga, gb)
+        deadline = time.monotonic() + 10
+        while _counter(cluster, "a", "resumes_total") < 1:
+            assert time.monotonic() < deadline, cluster.log("a") + cluster.log("b")
+            time.sleep(0.05)
+        assert _counter(cluster, "a", "snapshots_sent_total") == snapshots  # no snapshot needed
+        # again, but more changes than the feed holds meanwhile: the resume
+        # finds them gone and a snapshot follows
+        resyncs = _counter(cluster, "a", "resyncs_total")
+        cluster.procs["a"].send_signal(signal.SIGSTOP)
+        for i in range(shmgrid.watch.FEED_SLOTS // len(mine) + 2):
+            for k in mine:
+                A[k] = b"3-%d" % i
+        time.sleep(2.5)
+        cluster.procs["a"].send_signal(signal.SIGCONT)
+        state = wait_converged(ga, gb)
+        assert all(state[k][0].startswith(b"3-") for k in mine)
+        assert _counter(cluster, "a", "resyncs_total") > resyncs
+    finally:
+        ga.close()
+        gb.close()

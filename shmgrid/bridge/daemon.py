@@ -91,6 +91,10 @@ class Bridge:
         self._owner_writers: Dict[str, asyncio.StreamWriter] = {}  # owners we follow, while connected
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
         self._next_id = 1
+        # where we are in each owner's change feed, per map: {"feed": its
+        # identity, "cursor": position}; a reconnect resumes there
+        self._resume: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        self._feed_id = ""
         self._masks: Dict[str, Dict[str, mirror.PartitionMask]] = {}  # owner -> map -> its partitions
         for h in cfg.hosts:
             self._masks[h] = {n: mirror.PartitionMask(mc.partitions, mc.owned_by(h)) for n, mc in cfg.maps.items()}
@@ -116,6 +120,9 @@ class Bridge:
     async def run(self) -> None:
         cfg = self.cfg
         self.grid = Grid.open(cfg.grid, size=cfg.grid_size)
+        # feed positions are meaningful only for this very grid: a grid
+        # created again starts its feeds from 0
+        self._feed_id = f"{cfg.name}:{self.grid.info()['created_ns']}"
         for n, mc in cfg.maps.items():
             self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
         for n, mc in cfg.maps.items():  # writes to other hosts' partitions now come through us
@@ -179,8 +186,8 @@ class Bridge:
                     raise ProtocolError(msg)
             log.info("mirror %s connected from %s for %s", peer, addr, ", ".join(wanted))
             self.metrics.add("mirror_connections_total", peer=peer)
-            for name in wanted:
-                tasks.append(asyncio.ensure_future(self._ship(peer, name, writer)))
+            for name, spec in wanted.items():
+                tasks.append(asyncio.ensure_future(self._ship(peer, name, writer, spec.get("resume"))))
             tasks.append(asyncio.ensure_future(self._heartbeat(writer)))
             while True:  # then only remote writes, until it goes away
                 kind, payload = await read_frame(reader)
@@ -220,36 +227,48 @@ class Bridge:
             self.metrics.add("bytes_shipped_total", len(data), peer=peer, map=name)
         await writer.drain()
 
-    async def _snapshot(self, peer: str, name: str, mask: mirror.PartitionMask, writer: asyncio.StreamWriter) -> None:
+    async def _snapshot(self, peer: str, name: str, mask: mirror.PartitionMask, writer: asyncio.StreamWriter,
+                        stream: mirror.ChangeStream) -> None:
         loop = asyncio.get_running_loop()
         m = self.maps[name]
+        cursor = stream.cursor()  # the stream re-sends everything from here on
         await self._send(writer, jframe(T.SNAP_BEGIN, {"map": name}), peer, name, False)
         gen = mirror.snapshot(m, mask)
         while True:
             chunk = await loop.run_in_executor(self._pool, next, gen, None)
             if chunk is None:
                 break
-            await self._send(writer, records_frame(name, chunk, time.time()), peer, name, True)
+            await self._send(writer, records_frame(name, chunk, time.time(), cursor), peer, name, True)
         floor = lib.sg_map_version_floor(m._h)
-        await self._send(writer, jframe(T.SNAP_END, {"map": name, "floor": floor}), peer, name, False)
+        end = {"map": name, "floor": floor, "feed": self._feed_id, "cursor": cursor}
+        await self._send(writer, jframe(T.SNAP_END, end), peer, name, False)
         self.metrics.add("snapshots_sent_total", peer=peer, map=name)
 
-    async def _ship(self, peer: str, name: str, writer: asyncio.StreamWriter) -> None:
-        """Ship map ``name``'s partitions owned here to ``peer``: a snapshot,
-        then the change stream (opened first, so nothing falls between)."""
+    async def _ship(self, peer: str, name: str, writer: asyncio.StreamWriter, resume: Optional[Dict[str, Any]]) -> None:
+        """Ship map ``name``'s partitions owned here to ``peer``: resume the
+        change stream where the mirror left it if our feed still holds that
+        position, else a snapshot, then the stream (opened first, so
+        nothing falls between)."""
         loop = asyncio.get_running_loop()
         mask = self._masks[self.cfg.name][name]
         stream = mirror.ChangeStream(self.maps[name], mask)
-        await self._snapshot(peer, name, mask, writer)
+        if resume and resume.get("feed") == self._feed_id and stream.seek(int(resume.get("cursor", -1)) % 2**64):
+            # if the feed overwrote changes since, next() reports them lost
+            # and a snapshot follows
+            self.metrics.add("resumes_total", peer=peer, map=name)
+            log.info("map %s: %s resumes at feed position %s", name, peer, resume.get("cursor"))
+        else:
+            await self._snapshot(peer, name, mask, writer, stream)
         while True:
             recs, lost = await loop.run_in_executor(self._pool, stream.next, 0.2)
-            if lost:
-                log.info("map %s: change feed overflowed by %d for %s: sending a snapshot", name, lost, peer)
-                self.metrics.add("resyncs_total", peer=peer, map=name)
-                await self._snapshot(peer, name, mask, writer)
             if recs:
-                await self._send(writer, records_frame(name, recs, time.time()), peer, name, True)
+                await self._send(writer, records_frame(name, recs, time.time(), stream.cursor()), peer, name, True)
                 self.metrics.set("send_queue_bytes", writer.transport.get_write_buffer_size(), peer=peer)
+            if lost:
+                log.info("map %s: %d changes gone from the feed before %s had them: sending a snapshot", name,
+                         lost, peer)
+                self.metrics.add("resyncs_total", peer=peer, map=name)
+                await self._snapshot(peer, name, mask, writer, stream)
 
     # ---- mirror side: follow an owner -------------------------------------------------
 
@@ -264,7 +283,9 @@ class Bridge:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=self._tls(False)),
                                                         cfg.timeout)
                 await client_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
-                sub = {n: {"partitions": mk.partitions, "owned": sorted(mk.members)} for n, mk in masks.items()}
+                where = self._resume.setdefault(owner, {})
+                sub = {n: {"partitions": mk.partitions, "owned": sorted(mk.members), "resume": where.get(n)}
+                       for n, mk in masks.items()}
                 writer.write(jframe(T.SUBSCRIBE, {"maps": sub}))
                 await writer.drain()
                 backoff = 0.05
@@ -297,10 +318,13 @@ class Bridge:
             if kind == T.HEARTBEAT:
                 continue
             if kind == T.RECORDS:
-                name, sent, recs = split_records(payload)
+                name, sent, cursor, recs = split_records(payload)
                 if name not in masks:
                     raise ProtocolError(f"records for map {name!r}, which {owner} does not ship to us")
                 n, applied = mirror.apply_records(self.maps[name], recs, masks[name])
+                where = self._resume.get(owner, {}).get(name)
+                if where is not None and name not in snap:
+                    where["cursor"] = cursor  # all applied: a reconnect may resume here
                 lag = max(0.0, time.time() - sent)  # the owner's clock against ours: exact on one machine
                 self.metrics.add("records_received_total", n, peer=owner, map=name)
                 self.metrics.add("records_applied_total", applied, peer=owner, map=name)
@@ -311,10 +335,14 @@ class Bridge:
                 if name in snap:
                     snap[name].update(_keys_of(recs))
             elif kind == T.SNAP_BEGIN:
-                snap[json.loads(payload)["map"]] = set()
+                name = json.loads(payload)["map"]
+                snap[name] = set()
+                self._resume.get(owner, {}).pop(name, None)  # a broken snapshot cannot be resumed
             elif kind == T.SNAP_END:
                 end = json.loads(payload)
-                self._prune(end["map"], masks[end["map"]], snap.pop(end["map"]), int(end["floor"]))
+                name = end["map"]
+                self._prune(name, masks[name], snap.pop(name), int(end["floor"]))
+                self._resume.setdefault(owner, {})[name] = {"feed": end["feed"], "cursor": int(end["cursor"])}
             elif kind == T.WRITE_RESULT:
                 res = json.loads(payload)
                 f = self._pending.pop(res.pop("id"), None)

@@ -50,21 +50,25 @@ def jframe(kind: int, obj: Any) -> bytes:
     return frame(kind, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def records_frame(map_name: str, records: bytes, sent: float) -> bytes:
+_RMETA = struct.Struct("<dQ")
+
+
+def records_frame(map_name: str, records: bytes, sent: float, cursor: int) -> bytes:
     """RECORDS: u16 name length | name | f64 the owner's clock when it sent
-    them (for lag figures) | records."""
+    them (for lag figures) | u64 the owner's change-feed position once these
+    are applied (where a reconnecting mirror resumes) | records."""
     n = map_name.encode()
-    return frame(T.RECORDS, struct.pack("<H", len(n)) + n + struct.pack("<d", sent) + records)
+    return frame(T.RECORDS, struct.pack("<H", len(n)) + n + _RMETA.pack(sent, cursor) + records)
 
 
-def split_records(payload: bytes) -> Tuple[str, float, bytes]:
+def split_records(payload: bytes) -> Tuple[str, float, int, bytes]:
     if len(payload) < 2:
         raise ProtocolError("RECORDS frame without a map name")
     (n,) = struct.unpack_from("<H", payload)
-    if len(payload) < 2 + n + 8:
-        raise ProtocolError("RECORDS frame with a truncated map name or time")
-    (sent,) = struct.unpack_from("<d", payload, 2 + n)
-    return payload[2:2 + n].decode("utf-8", "replace"), sent, payload[2 + n + 8:]
+    if len(payload) < 2 + n + _RMETA.size:
+        raise ProtocolError("RECORDS frame with a truncated map name, time or position")
+    sent, cursor = _RMETA.unpack_from(payload, 2 + n)
+    return payload[2:2 + n].decode("utf-8", "replace"), sent, cursor, payload[2 + n + _RMETA.size:]
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> Tuple[int, bytes]:
