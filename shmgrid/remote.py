@@ -68,6 +68,17 @@ def _connect(grid: str) -> socket.socket:
         s.close()
         raise RemoteUnavailable(f"no bridge is running for grid {grid!r} on this host ({e.strerror}); "
                                 "the key's partition is owned by another host") from None
+    # the abstract namespace has no permissions: anyone may bind the name
+    # first. Talk only to a bridge run by root or by the grid's owner.
+    pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        owner = os.stat(os.path.join("/dev/shm", grid)).st_uid
+    except OSError:
+        owner = os.geteuid()
+    if uid not in (0, owner, os.geteuid()):
+        s.close()
+        raise RemoteUnavailable(f"the process answering for grid {grid!r}'s bridge (pid {pid}, uid {uid}) is run "
+                                f"neither by root nor by the grid's owner (uid {owner}): refusing to send it writes")
     s.settimeout(CLIENT_TIMEOUT)
     return s
 

@@ -511,3 +511,49 @@ def test_a_short_break_resumes_from_the_feed_a_long_one_resyncs(cluster):
     finally:
         ga.close()
         gb.close()
+
+
+SQUATTER = r"""
+import os, pwd, socket, sys, time
+os.setgid(pwd.getpwnam("nobody").pw_gid)
+os.setuid(pwd.getpwnam("nobody").pw_uid)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\0shmgrid-bridge/" + sys.argv[1])
+s.listen()
+print("bound", flush=True)
+c, _ = s.accept()
+time.sleep(5)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to user nobody needs root")
+def test_client_refuses_a_squatter_on_the_bridge_socket(grid):
+    from shmgrid import remote
+
+    p = subprocess.Popen([sys.executable, "-c", SQUATTER, grid.name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "bound"
+        with pytest.raises(shmgrid.RemoteUnavailable, match="refusing to send it writes"):
+            remote.call(grid.name, {"op": "put", "map": "m", "key": "YQ==", "value": "YQ=="})
+    finally:
+        p.kill()
+        p.wait(5)
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_remote_request_gets_an_error_not_a_reset_link(cluster):
+    from shmgrid import remote
+
+    cluster.start("a")
+    cluster.start("b")
+    ka = next(k for k in (b"m%d" % i for i in range(100)) if owned("a", k))
+    with shmgrid.Grid.attach(cluster.grids["b"]) as gb:
+        gb.map("users").put(ka, b"\0" * 8)
+        snapshots = _counter(cluster, "a", "snapshots_sent_total")
+        for bad in ({"delta": "ten"}, {"delta": None}, {"value": None, "op": "put"}):
+            req = {"op": "incr", "map": "users", "key": remote.b64(ka), **bad}
+            with pytest.raises(shmgrid.InvalidArgument):
+                remote.call(cluster.grids["b"], req)
+        assert gb.map("users").incr(ka) == 1  # the link is still up
+        assert _counter(cluster, "a", "snapshots_sent_total") == snapshots

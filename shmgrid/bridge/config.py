@@ -143,7 +143,9 @@ def parse(data: Dict[str, Any], path: str = "<config>") -> Config:
             owner_t = tuple(owners)
         else:
             owner_t = tuple(order[p % len(order)] for p in range(parts))  # round-robin over [hosts]
-        kw = {k: _int(where(f"{w}.{k}"), m[k], 1, 2**36) for k in ("capacity", "max_key", "max_value") if k in m}
+        # keys travel with a 16-bit length, and a record must fit in a frame
+        limits = {"capacity": 2**36, "max_key": 65535, "max_value": 8 << 20}
+        kw = {k: _int(where(f"{w}.{k}"), m[k], 1, limits[k]) for k in limits if k in m}
         maps[str(mname)] = MapConfig(str(mname), parts, owner_t, **kw)
     peers = tuple(h for h in order if h != name)
     tls = None

@@ -89,6 +89,7 @@ class Bridge:
         self._stop = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bridge-feed")
         self._owner_writers: Dict[str, asyncio.StreamWriter] = {}  # owners we follow, while connected
+        self._sessions: Dict[str, asyncio.StreamWriter] = {}  # mirrors we serve: the latest session of each
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
         self._next_id = 1
         # where we are in each owner's change feed, per map: {"feed": its
@@ -156,8 +157,10 @@ class Bridge:
                     f.set_exception(RemoteUnavailable("the bridge is stopping"))
             if mserver:
                 mserver.close()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # bounded: on Python <= 3.11 a wait_for may swallow a cancel
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self.grid.close()
 
     # ---- owner side: serve a mirror -------------------------------------------------
@@ -186,9 +189,21 @@ class Bridge:
                     raise ProtocolError(msg)
             log.info("mirror %s connected from %s for %s", peer, addr, ", ".join(wanted))
             self.metrics.add("mirror_connections_total", peer=peer)
+            old = self._sessions.get(peer)
+            if old is not None:  # its older session is over: no stale write of it may land later
+                old.close()
+            self._sessions[peer] = writer
             for name, spec in wanted.items():
                 tasks.append(asyncio.ensure_future(self._ship(peer, name, writer, spec.get("resume"))))
             tasks.append(asyncio.ensure_future(self._heartbeat(writer)))
+
+            def died(t: "asyncio.Future[Any]") -> None:  # a shipping task must not die unnoticed
+                if not t.cancelled() and t.exception() is not None:
+                    log.error("shipping to %s failed: %r; dropping the connection", peer, t.exception())
+                    writer.close()
+
+            for t in tasks:
+                t.add_done_callback(died)
             while True:  # then only remote writes, until it goes away
                 kind, payload = await read_frame(reader)
                 if kind != T.WRITE:
@@ -210,6 +225,8 @@ class Bridge:
             else:
                 log.info("connection from %s (%s) closed: %s", addr, peer, type(e).__name__)
         finally:
+            if peer is not None and self._sessions.get(peer) is writer:
+                del self._sessions[peer]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -260,9 +277,13 @@ class Bridge:
         else:
             await self._snapshot(peer, name, mask, writer, stream)
         while True:
+            before = stream.cursor()
             recs, lost = await loop.run_in_executor(self._pool, stream.next, 0.2)
             if recs:
-                await self._send(writer, records_frame(name, recs, time.time(), stream.cursor()), peer, name, True)
+                # with a loss, the resume point stays where it was: a mirror
+                # reconnecting before the snapshot below must not skip it
+                cursor = before if lost else stream.cursor()
+                await self._send(writer, records_frame(name, recs, time.time(), cursor), peer, name, True)
                 self.metrics.set("send_queue_bytes", writer.transport.get_write_buffer_size(), peer=peer)
             if lost:
                 log.info("map %s: %d changes gone from the feed before %s had them: sending a snapshot", name,
@@ -363,7 +384,10 @@ class Bridge:
         for k in stale:
             cur = m.get_versioned(k)
             if cur is not None and cur[1] < floor:
-                lib.sg_map_apply(m._h, k, len(k), b"", 0, floor, 1)
+                # just above what we hold: the owner's own versions for the
+                # key are above its floor, so anything it sends later (a
+                # key the weakly consistent walk missed) still wins
+                lib.sg_map_apply(m._h, k, len(k), b"", 0, cur[1] + 1, 1)
         if stale:
             log.info("map %s: %d keys deleted on the owner while we were away", name, len(stale))
 
@@ -412,8 +436,15 @@ class Bridge:
         finally:
             writer.close()
 
+    _OPS = {"put": ("value",), "put_if_absent": ("value",), "replace": ("expected", "value"),
+            "compare_and_set": ("expected_version", "value"), "delete": (), "pop": (), "incr": ("delta",),
+            "get": ()}
+
     async def _remote_write(self, req: Dict[str, Any]) -> Dict[str, Any]:
         cfg = self.cfg
+        if not isinstance(req, dict) or req.get("op") not in self._OPS or not isinstance(req.get("key"), str) or \
+                any(req.get(f) is None for f in self._OPS[req["op"]]):
+            return {"error": "InvalidArgument", "message": "malformed request"}
         name = req["map"]
         mc = cfg.maps.get(name)
         if mc is None:
@@ -452,7 +483,16 @@ class Bridge:
         return res
 
     def _apply_owned(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
-        """Apply a remote write on a key whose partition is owned here."""
+        """Apply a remote write on a key whose partition is owned here. A
+        malformed request gets an error reply; it never costs the link."""
+        try:
+            return self._apply_owned_checked(peer, req)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            return {"error": "InvalidArgument", "message": f"malformed request: {type(e).__name__}: {e}"}
+
+    def _apply_owned_checked(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
+        if not isinstance(req, dict):
+            raise TypeError("a request is a JSON object")
         name, op = req.get("map"), req.get("op")
         mc = self.cfg.maps.get(str(name))
         key = unb64(req.get("key")) or b""
@@ -469,7 +509,9 @@ class Bridge:
                 r = {"ok": m.replace(key, expected, value)}
             elif op == "compare_and_set":
                 v = m.compare_and_set(key, int(req["expected_version"]), value)
-                r = {"ok": v is not None}
+                if v is not None:  # the CAS's own version, not a later writer's
+                    return {"ok": True, "version": v}
+                r = {"ok": False}
             elif op == "delete":
                 r = {"ok": m.delete(key)}
             elif op == "pop":
