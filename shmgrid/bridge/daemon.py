@@ -90,6 +90,7 @@ class Bridge:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bridge-feed")
         self._owner_writers: Dict[str, asyncio.StreamWriter] = {}  # owners we follow, while connected
         self._sessions: Dict[str, asyncio.StreamWriter] = {}  # mirrors we serve: the latest session of each
+        self._applied: Dict[str, asyncio.Event] = {}  # per map: set when a buffer of records was applied
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
         self._next_id = 1
         # where we are in each owner's change feed, per map: {"feed": its
@@ -343,6 +344,9 @@ class Bridge:
                 if name not in masks:
                     raise ProtocolError(f"records for map {name!r}, which {owner} does not ship to us")
                 n, applied = mirror.apply_records(self.maps[name], recs, masks[name])
+                ev = self._applied.get(name)
+                if ev is not None:
+                    ev.set()  # remote writes waiting to see their version here
                 where = self._resume.get(owner, {}).get(name)
                 if where is not None and name not in snap:
                     where["cursor"] = cursor  # all applied: a reconnect may resume here
@@ -475,11 +479,19 @@ class Bridge:
         if want and "error" not in res:  # read-your-writes: wait for our mirror to hold it
             m = self.maps[name]
             ver = ffi.new("uint64_t *")
+            applied = self._applied.setdefault(name, asyncio.Event())
             while True:
                 lib.sg_map_get(m._h, key, len(key), ffi.NULL, 0, ver)
-                if ver[0] >= want or time.monotonic() >= deadline + cfg.timeout:
+                left = deadline + cfg.timeout - time.monotonic()
+                if ver[0] >= want or left <= 0:
                     break
-                await asyncio.sleep(0.0002)
+                # woken by the next buffer applied to this map (a sleep would
+                # cost a whole millisecond: the event loop's timer grain)
+                applied.clear()
+                try:
+                    await asyncio.wait_for(applied.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
         return res
 
     def _apply_owned(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
