@@ -176,6 +176,20 @@ def thread_cpu(pid: int) -> Dict[str, float]:
     return out
 
 
+def stop_procs(procs: Dict[str, "subprocess.Popen[Any]"]) -> None:
+    """SIGTERM every process, then SIGKILL what is left after 5 s; forget them."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    procs.clear()
+
+
 class OtherCpu:
     """CPU the rest of the machine used meanwhile: busy time in /proc/stat
     less this process's, its children's and the servers' (in CPUs)."""
@@ -462,16 +476,7 @@ max_value = 64
         return [p.pid for p in self.procs.values()]
 
     def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        stop_procs(self.procs)
         for g in self.grids.values():
             try:
                 shmgrid.Grid.unlink(g)
@@ -536,16 +541,7 @@ class Redis:
         return [p.pid for p in self.procs.values()]
 
     def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        stop_procs(self.procs)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
