@@ -557,3 +557,25 @@ def test_a_malformed_remote_request_gets_an_error_not_a_reset_link(cluster):
                 remote.call(cluster.grids["b"], req)
         assert gb.map("users").incr(ka) == 1  # the link is still up
         assert _counter(cluster, "a", "snapshots_sent_total") == snapshots
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_silent_connections_is_capped(cluster):
+    cluster.start("a")
+    socks = []
+    try:
+        for _ in range(100):  # never authenticate
+            s = socket.create_connection(("127.0.0.1", cluster.ports["a"]), timeout=5)
+            socks.append(s)
+        deadline = time.monotonic() + 10
+        while _counter(cluster, "a", "rejected_connections_total") < 30:
+            assert time.monotonic() < deadline, cluster.status("a")
+            time.sleep(0.05)
+        cluster.start("b")  # a real peer still gets through once the silent ones time out
+        with shmgrid.Grid.attach(cluster.grids["a"]) as ga, shmgrid.Grid.attach(cluster.grids["b"]) as gb:
+            k = next(k for k in (b"f%d" % i for i in range(100)) if owned("a", k))
+            ga.map("users")[k] = b"through"
+            wait_converged(ga, gb)
+    finally:
+        for s in socks:
+            s.close()

@@ -41,6 +41,7 @@ from .protocol import split_records
 __all__ = ["Bridge", "run"]
 
 log = logging.getLogger("shmgrid.bridge")
+MAX_UNAUTHENTICATED = 64  # connections in the handshake at once
 _REC = struct.Struct("<HBBIQ")
 
 
@@ -91,6 +92,7 @@ class Bridge:
         self._owner_writers: Dict[str, asyncio.StreamWriter] = {}  # owners we follow, while connected
         self._sessions: Dict[str, asyncio.StreamWriter] = {}  # mirrors we serve: the latest session of each
         self._applied: Dict[str, asyncio.Event] = {}  # per map: set when a buffer of records was applied
+        self._unauthenticated = 0  # connections still in the handshake
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
         self._next_id = 1
         # where we are in each owner's change feed, per map: {"feed": its
@@ -171,8 +173,18 @@ class Bridge:
         addr = writer.get_extra_info("peername")
         peer = None
         tasks: List[asyncio.Future] = []
+        if self._unauthenticated >= MAX_UNAUTHENTICATED:
+            # a flood of connections that never authenticate must not use up
+            # our file descriptors: the real peers retry with backoff
+            self.metrics.add("rejected_connections_total")
+            writer.close()
+            return
+        self._unauthenticated += 1
         try:
-            peer = await server_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+            try:
+                peer = await server_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+            finally:
+                self._unauthenticated -= 1
             if peer not in cfg.hosts or peer == cfg.name:
                 raise ProtocolError(f"authenticated peer calls itself {peer!r}, which is not another host of the "
                                     "configuration")
@@ -205,8 +217,10 @@ class Bridge:
 
             for t in tasks:
                 t.add_done_callback(died)
-            while True:  # then only remote writes, until it goes away
-                kind, payload = await read_frame(reader)
+            while True:  # then remote writes and heartbeats, until it goes away or falls silent
+                kind, payload = await asyncio.wait_for(read_frame(reader), cfg.timeout * 3)
+                if kind == T.HEARTBEAT:
+                    continue
                 if kind != T.WRITE:
                     raise ProtocolError(f"unexpected frame type {kind} from mirror {peer}")
                 req = json.loads(payload)
@@ -314,7 +328,11 @@ class Bridge:
                 self.metrics.peers[owner] = {"connected": True, "since": time.time()}
                 log.info("following %s at %s:%d for %s", owner, host, port, ", ".join(masks))
                 self._owner_writers[owner] = writer
-                await self._follow(owner, reader, masks)
+                beat = asyncio.ensure_future(self._heartbeat(writer))  # so the owner can tell we are alive
+                try:
+                    await self._follow(owner, reader, masks)
+                finally:
+                    beat.cancel()
             except asyncio.CancelledError:
                 raise
             except (ProtocolError, InvalidArgument) as e:
