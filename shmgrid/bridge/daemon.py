@@ -26,6 +26,7 @@ import signal
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Any, Dict, List, Optional, Set
 
@@ -93,6 +94,9 @@ class Bridge:
         self._sessions: Dict[str, asyncio.StreamWriter] = {}  # mirrors we serve: the latest session of each
         self._applied: Dict[str, asyncio.Event] = {}  # per map: set when a buffer of records was applied
         self._unauthenticated = 0  # connections still in the handshake
+        # per map: set after a remote write is applied here, so that its
+        # record ships without the batching delay (the writer waits for it)
+        self._urgent: Dict[str, threading.Event] = {}
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
         self._next_id = 1
         # where we are in each owner's change feed, per map: {"feed": its
@@ -293,7 +297,8 @@ class Bridge:
             await self._snapshot(peer, name, mask, writer, stream)
         while True:
             before = stream.cursor()
-            recs, lost = await loop.run_in_executor(self._pool, stream.next, 0.2)
+            urgent = self._urgent.setdefault(name, threading.Event())
+            recs, lost = await loop.run_in_executor(self._pool, stream.next_batch, 0.2, 0.0005, 64 << 10, urgent)
             if recs:
                 # with a loss, the resume point stays where it was: a mirror
                 # reconnecting before the snapshot below must not skip it
@@ -519,6 +524,10 @@ class Bridge:
             return self._apply_owned_checked(peer, req)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             return {"error": "InvalidArgument", "message": f"malformed request: {type(e).__name__}: {e}"}
+        finally:
+            ev = self._urgent.get(str(req.get("map")) if isinstance(req, dict) else "")
+            if ev is not None:
+                ev.set()
 
     def _apply_owned_checked(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
         if not isinstance(req, dict):
