@@ -103,8 +103,6 @@ int sg_watch_open(sg_map *m, const char *prefix, size_t plen, sg_watch **out)
 
 void sg_watch_free(sg_watch *w) { free(w); }
 
-uint64_t sg_watch_position(sg_watch *w) { return w->m->g->base ? sg_load_acquire(&w->m->feed->tail) : 0; }
-
 uint64_t sg_watch_cursor(sg_watch *w) { return w->cursor; }
 
 int sg_watch_seek(sg_watch *w, uint64_t pos)
@@ -230,8 +228,7 @@ int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, co
             *lost += ev.lost;
             continue;
         }
-        uint64_t hash = sg_hash64(key, ev.klen);
-        if (nparts && !((mask[(hash % nparts) / 8] >> ((hash % nparts) % 8)) & 1))
+        if (!sg__in_mask(sg_hash64(key, ev.klen), nparts, mask))
             continue;
         /* ship the key's state now (at least as new as the change) */
         uint64_t version = 0;

@@ -856,10 +856,9 @@ static int sg__remote(sg_map *m, uint64_t hash)
     if (!b)
         return 0; /* damaged: behave as unmirrored rather than refuse every write */
     const sg_mirror_desc *d = (const sg_mirror_desc *)b->payload;
-    uint32_t p = d->partitions ? (uint32_t)(hash % d->partitions) : 0;
-    if (!d->partitions || sizeof *d + p / 8 >= SG_META_LEN(b->meta))
+    if (!d->partitions || sizeof *d + (d->partitions - 1) / 8 >= SG_META_LEN(b->meta))
         return 0;
-    return !((d->local[p / 8] >> (p % 8)) & 1);
+    return !sg__in_mask(hash, d->partitions, d->local);
 }
 
 static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
@@ -1133,47 +1132,6 @@ int sg_iter_open(sg_map *m, sg_iter **out)
             return rc;
         }
     }
-}
-
-/* Whether a key of this hash is in one of the partitions of mask (nparts
- * 0: no filter). A key's partition is its 64-bit hash modulo nparts. */
-int sg_map_set_mirror(sg_map *m, uint32_t partitions, const uint8_t *local_mask)
-{
-    if (!m->g->base)
-        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
-    if (partitions > 65536)
-        return sg__fail(SG_EINVAL, "partitions %u is over the limit of 65536", partitions);
-    uint64_t off = 0;
-    if (partitions) {
-        sg_mirror_desc *d;
-        size_t bytes = (partitions + 7) / 8;
-        int rc = sg__object_alloc(m->g, sizeof *d + bytes, (void **)&d, &off);
-        if (rc)
-            return rc;
-        d->partitions = partitions;
-        memcpy(d->local, local_mask, bytes);
-    }
-    /* SYNC POINT: mirror-desc (release): the descriptor is complete */
-    sg_store_release(&m->hdr->mirror, off);
-    return SG_OK;
-}
-
-int sg_map_is_remote(sg_map *m, const char *key, size_t klen)
-{
-    return m->g->base ? sg__remote(m, sg_hash64(key, klen)) : 0;
-}
-
-uint64_t sg_map_version_floor(sg_map *m)
-{
-    return m->g->base ? sg_load_acquire(&m->hdr->version_floor) : 0;
-}
-
-static int sg__in_mask(uint64_t hash, uint32_t nparts, const uint8_t *mask)
-{
-    if (!nparts)
-        return 1;
-    uint32_t p = (uint32_t)(hash % nparts);
-    return (mask[p / 8] >> (p % 8)) & 1;
 }
 
 /* The next key of the walk (with its tombstone too if `tombstones`, and

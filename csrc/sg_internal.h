@@ -121,7 +121,16 @@ int sg__check_name(const char *name, size_t max, const char *what);
 #define SG_SPIN_MAX_NS 128000u
 #define SG_SPIN_START_NS 32000u
 
-static inline uint64_t sg__obj_off(const sg_grid *g, const void *p) { return (uint64_t)((const uint8_t *)p - g->base); }
+/* Whether a key of this 64-bit hash is in one of the partitions of mask
+ * (a bitmap: bit p of byte p / 8); nparts 0 means no filter. A key's
+ * partition is its hash modulo nparts, on every host. */
+static inline int sg__in_mask(uint64_t hash, uint32_t nparts, const uint8_t *mask)
+{
+    if (!nparts)
+        return 1;
+    uint32_t p = (uint32_t)(hash % nparts);
+    return (mask[p / 8] >> (p % 8)) & 1;
+}
 
 /* Monotonic deadlines: sg__deadline(<0) never passes. */
 uint64_t sg__mono_ns(void);

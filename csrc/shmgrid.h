@@ -374,8 +374,6 @@ void sg_watch_free(sg_watch *w);
 /* The next change: SG_OK with *ev (and the key in kout, which holds at
  * least the map's max_key bytes), SG_EAGAIN, SG_EINTR, or an error. */
 int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns);
-/* Changes appended to the feed so far (its tail). */
-uint64_t sg_watch_position(sg_watch *w);
 /* The feed position the watch reads next. */
 uint64_t sg_watch_cursor(sg_watch *w);
 /* Read from feed position pos instead (at most the tail): a mirror that

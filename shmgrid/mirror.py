@@ -94,10 +94,6 @@ class ChangeStream:
             raise_for(rc)
         self._h = ffi.gc(out[0], lib.sg_watch_free)
 
-    def position(self) -> int:
-        """How many changes the map's feed has seen (for lag figures)."""
-        return lib.sg_watch_position(self._h)  # type: ignore[no-any-return]
-
     def cursor(self) -> int:
         """The feed position this stream reads next: what a mirror has
         seen once it applied everything sent so far."""

@@ -49,8 +49,7 @@ _REC = struct.Struct("<HBBIQ")
 class Metrics:
     """Counters, exposed in Prometheus text format (and as JSON by /status)."""
 
-    def __init__(self, host: str) -> None:
-        self.host = host
+    def __init__(self) -> None:
         self.c: Dict[str, float] = {}
         self.peers: Dict[str, Dict[str, Any]] = {}
 
@@ -85,7 +84,7 @@ def _keys_of(records: bytes) -> List[bytes]:
 class Bridge:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.metrics = Metrics(cfg.name)
+        self.metrics = Metrics()
         self.maps: Dict[str, Any] = {}
         self.grid: Optional[Grid] = None
         self._stop = asyncio.Event()
