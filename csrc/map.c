@@ -1134,6 +1134,37 @@ int sg_iter_open(sg_map *m, sg_iter **out)
     }
 }
 
+int sg_map_set_mirror(sg_map *m, uint32_t partitions, const uint8_t *local_mask)
+{
+    if (!m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    if (partitions > 65536)
+        return sg__fail(SG_EINVAL, "partitions %u is over the limit of 65536", partitions);
+    uint64_t off = 0;
+    if (partitions) {
+        sg_mirror_desc *d;
+        size_t bytes = (partitions + 7) / 8;
+        int rc = sg__object_alloc(m->g, sizeof *d + bytes, (void **)&d, &off);
+        if (rc)
+            return rc;
+        d->partitions = partitions;
+        memcpy(d->local, local_mask, bytes);
+    }
+    /* SYNC POINT: mirror-desc (release): the descriptor is complete */
+    sg_store_release(&m->hdr->mirror, off);
+    return SG_OK;
+}
+
+int sg_map_is_remote(sg_map *m, const char *key, size_t klen)
+{
+    return m->g->base ? sg__remote(m, sg_hash64(key, klen)) : 0;
+}
+
+uint64_t sg_map_version_floor(sg_map *m)
+{
+    return m->g->base ? sg_load_acquire(&m->hdr->version_floor) : 0;
+}
+
 /* The next key of the walk (with its tombstone too if `tombstones`, and
  * only keys of the partitions in mask if nparts), copied out. */
 static int sg__iter_step(sg_iter *it, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen,
