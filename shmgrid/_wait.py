@@ -10,11 +10,12 @@ deadline ``start`` computed."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any, Callable, Optional, Tuple
 
-from ._core import lib
-from .errors import InvalidArgument, raise_for
+from ._core import ffi, lib
+from .errors import Busy, Closed, InvalidArgument, raise_for
 
 SLICE_NS = 100_000_000
 _EAGAIN = lib.SG_EAGAIN
@@ -65,3 +66,59 @@ def wait_more(call: Callable[[int], Any], rc: Any, deadline: Optional[float],
     if rc == _EAGAIN and deadline is not None and _monotonic() >= deadline:
         raise on_timeout()
     return until(call, deadline, on_timeout)
+
+
+class OneThread:
+    """A C handle that one thread uses at a time and any thread may close
+    (a subscription, a watch): sharing its cursor between threads would
+    deliver some items twice and others never. A call while another thread
+    is inside one raises Busy; ``close()`` waits for the thread inside to
+    leave (it checks between sleeps of at most 100 ms, then raises Closed)
+    before freeing the handle."""
+
+    __slots__ = ("_h", "_lock", "_closing", "__weakref__")
+    _what = "handle"
+
+    def __init__(self, handle: Any) -> None:
+        self._h: Any = handle
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def _enter(self) -> Any:
+        if not self._lock.acquire(blocking=False):
+            if self._closing:
+                raise Closed(f"{self._what} is being closed")
+            raise Busy(f"{self._what} is in use by another thread: use one {self._what} per thread")
+        if self._h is None:
+            self._lock.release()
+            raise Closed(f"{self._what} is closed")
+        return self._h
+
+    def _leave(self) -> None:
+        self._lock.release()
+
+    def _wait(self, call: Callable[[int], Any], timeout: Optional[float], on_timeout: Callable[[], Exception]) -> Any:
+        """``call(ns)`` in slices as for any blocking call, between _enter
+        and _leave, ending with Closed if another thread closes us."""
+        def step(ns: int) -> Any:
+            if self._closing:
+                raise Closed(f"{self._what} was closed by another thread")
+            return call(ns)
+
+        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
+        rc = step(ns)
+        return rc if rc >= 0 else wait_more(step, rc, deadline, on_timeout)
+
+    def close(self) -> None:
+        """Idempotent; safe from another thread than the one inside."""
+        self._closing = True
+        with self._lock:
+            if self._h is not None:
+                h, self._h = self._h, None
+                ffi.release(h)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

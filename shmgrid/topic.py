@@ -15,12 +15,11 @@ usefully across fork) and is used by one thread at a time.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Dict, Optional
 
 from ._core import ffi, lib
-from ._wait import SLICE_NS, start, wait_more
-from .errors import Busy, Closed, Empty, Full, InvalidArgument, Lapped, raise_for
+from ._wait import SLICE_NS, OneThread, start, wait_more
+from .errors import Empty, Full, InvalidArgument, Lapped, raise_for
 from .grid import cname
 from .ring import _payload, _positive
 
@@ -125,37 +124,22 @@ class Topic:
         return Subscription(self, out[0])
 
 
-class Subscription:
+class Subscription(OneThread):
     """One subscriber of a Topic. Iterate it, or call ``get``. ``close()``
-    (or leaving a ``with`` block) stops publishers waiting for it.
+    (or leaving a ``with`` block) stops publishers waiting for it. One
+    thread at a time (see OneThread): another thread gets Busy, and
+    ``close()`` from another thread ends a blocked ``get`` with Closed."""
 
-    One thread at a time: a call while another thread is inside ``get``
-    raises Busy (sharing one cursor between threads would deliver some
-    messages twice and others never). ``close()`` may come from any thread:
-    a ``get`` blocked in another thread then raises Closed within 0.1 s."""
-
-    __slots__ = ("_topic", "_h", "_buf", "_view", "_cap", "_lost", "_lock", "_closing", "__weakref__")
-    _h: Any
+    __slots__ = ("_topic", "_buf", "_view", "_cap", "_lost")
+    _what = "subscription"
 
     def __init__(self, topic: Topic, handle: Any) -> None:
+        super().__init__(ffi.gc(handle, lib.sg_sub_free))
         self._topic = topic
-        self._h = ffi.gc(handle, lib.sg_sub_free)
         self._cap = topic.max_message
         self._buf = ffi.new("char[]", max(1, self._cap))
         self._view = ffi.buffer(self._buf)
         self._lost = ffi.new("uint64_t *")
-        self._lock = threading.Lock()
-        self._closing = False
-
-    def _enter(self) -> Any:
-        if not self._lock.acquire(blocking=False):
-            if self._closing:
-                raise Closed("subscription is being closed")
-            raise Busy("subscription is in use by another thread: use one subscription per thread")
-        if self._h is None:
-            self._lock.release()
-            raise Closed("subscription is closed")
-        return self._h
 
     def get(self, timeout: Optional[float] = None) -> bytes:
         """The next message, waiting up to ``timeout`` seconds (None: no
@@ -167,21 +151,16 @@ class Subscription:
         try:
             buf, cap, lost = self._buf, self._cap, self._lost
 
-            def step(ns: int) -> int:
-                if self._closing:
-                    raise Closed("subscription was closed by another thread")
+            def call(ns: int) -> int:
                 n = _sub_get(h, buf, cap, ns, lost)
                 if n == _ELAPPED:
                     raise Lapped(lost[0])
                 return n  # type: ignore[no-any-return]
 
-            deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
-            n = step(ns)
-            if n < 0:
-                n = wait_more(step, n, deadline, lambda: Empty(f"no message on topic {self._topic.name!r}"))
+            n = self._wait(call, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))
             return self._view[0:n]  # type: ignore[no-any-return]
         finally:
-            self._lock.release()
+            self._leave()
 
     def get_nowait(self) -> bytes:
         """The next message, or Empty at once (Lapped as for get)."""
@@ -196,7 +175,7 @@ class Subscription:
                 raise_for(n)
             return n  # type: ignore[no-any-return]
         finally:
-            self._lock.release()
+            self._leave()
 
     def __iter__(self) -> "Subscription":
         """Messages as they come, blocking. Iteration ends only by an
@@ -205,18 +184,3 @@ class Subscription:
 
     def __next__(self) -> bytes:
         return self.get()
-
-    def close(self) -> None:
-        """Leave the topic (publishers stop waiting for this subscriber).
-        Idempotent; safe from another thread than the one in ``get``."""
-        self._closing = True
-        with self._lock:  # a get in another thread leaves within one slice
-            if self._h is not None:
-                h, self._h = self._h, None
-                ffi.release(h)
-
-    def __enter__(self) -> "Subscription":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -19,12 +19,11 @@ blocked ``get`` with Closed within 0.1 s).
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, NamedTuple, Optional
 
 from ._core import ffi, lib
-from ._wait import SLICE_NS, start, wait_more
-from .errors import Busy, Closed, Empty, raise_for
+from ._wait import OneThread
+from .errors import Empty, raise_for
 
 __all__ = ["ChangeEvent", "Watch", "FEED_SLOTS"]
 
@@ -44,51 +43,37 @@ class ChangeEvent(NamedTuple):
     lost: int = 0
 
 
-class Watch:
+class Watch(OneThread):
     """Changes to a map made after ``m.watch()`` returned. Iterate it, or
-    call ``get``."""
+    call ``get``. One thread at a time (see OneThread)."""
 
-    __slots__ = ("_map", "_h", "_kbuf", "_kview", "_ev", "_lock", "_closing", "__weakref__")
+    __slots__ = ("_map", "_kbuf", "_kview", "_ev")
+    _what = "watch"
 
     def __init__(self, m: Any, prefix: bytes) -> None:
         out = ffi.new("sg_watch **")
         rc = lib.sg_watch_open(m._h, prefix, len(prefix), out)
         if rc:
             raise_for(rc)
+        super().__init__(ffi.gc(out[0], lib.sg_watch_free))
         self._map = m  # keeps the map handle alive as long as the watch
-        self._h: Any = ffi.gc(out[0], lib.sg_watch_free)
         self._kbuf = ffi.new("char[]", max(1, m.max_key))
         self._kview = ffi.buffer(self._kbuf)
         self._ev = ffi.new("sg_change *")
-        self._lock = threading.Lock()
-        self._closing = False
 
     def get(self, timeout: Optional[float] = None) -> ChangeEvent:
         """The next change, waiting up to ``timeout`` seconds (None: no
         limit); Empty on timeout."""
-        if not self._lock.acquire(blocking=False):
-            raise Busy("watch is in use by another thread: use one watch per thread")
+        h = self._enter()
         try:
-            h = self._h
-            if h is None:
-                raise Closed("watch is closed")
             kbuf, kcap, ev = self._kbuf, len(self._kbuf), self._ev
-
-            def step(ns: int) -> int:
-                if self._closing:
-                    raise Closed("watch was closed by another thread")
-                return _next(h, kbuf, kcap, ev, ns)  # type: ignore[no-any-return]
-
-            deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
-            rc = step(ns)
-            if rc < 0:
-                wait_more(step, rc, deadline, lambda: Empty("no change"))
+            self._wait(lambda ns: _next(h, kbuf, kcap, ev, ns), timeout, lambda: Empty("no change"))
             kind = _KINDS[ev.kind]
             if kind == "lost":
                 return ChangeEvent("lost", None, 0, ev.lost)
             return ChangeEvent(kind, self._kview[0:ev.klen], ev.version)
         finally:
-            self._lock.release()
+            self._leave()
 
     def get_nowait(self) -> ChangeEvent:
         return self.get(0)
@@ -99,17 +84,3 @@ class Watch:
 
     def __next__(self) -> ChangeEvent:
         return self.get()
-
-    def close(self) -> None:
-        """Stop watching. Idempotent; safe from another thread."""
-        self._closing = True
-        with self._lock:
-            if self._h is not None:
-                h, self._h = self._h, None
-                ffi.release(h)
-
-    def __enter__(self) -> "Watch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
