@@ -52,6 +52,15 @@ class _Out(threading.local):
 _out = _Out()
 
 
+def _open_named(grid: Any, name: str, kind: str) -> Any:
+    """The C handle of the counter or lock ``name`` (made if missing)."""
+    out = ffi.new(f"sg_{kind} **")
+    rc = getattr(lib, f"sg_{kind}_open")(grid._handle(), cname(name, kind), out)
+    if rc:
+        raise_for(rc)
+    return ffi.gc(out[0], getattr(lib, f"sg_{kind}_free"))
+
+
 class Counter:
     """A named atomic int64 in a :class:`~shmgrid.Grid`: ``grid.counter(name)``."""
 
@@ -62,13 +71,9 @@ class Counter:
 
     @classmethod
     def _open(cls, grid: Any, name: str) -> "Counter":
-        out = ffi.new("sg_counter **")
-        rc = lib.sg_counter_open(grid._handle(), cname(name, "counter"), out)
-        if rc:
-            raise_for(rc)
         c = cls.__new__(cls)
+        c._h = _open_named(grid, name, "counter")
         c._grid, c._name = grid, name
-        c._h = ffi.gc(out[0], lib.sg_counter_free)
         return c
 
     @property
@@ -121,13 +126,9 @@ class Lock:
 
     @classmethod
     def _open(cls, grid: Any, name: str) -> "Lock":
-        out = ffi.new("sg_lock **")
-        rc = lib.sg_lock_open(grid._handle(), cname(name, "lock"), out)
-        if rc:
-            raise_for(rc)
         lk = cls.__new__(cls)
+        lk._h = _open_named(grid, name, "lock")
         lk._grid, lk._name = grid, name
-        lk._h = ffi.gc(out[0], lib.sg_lock_free)
         lk.owner_died = False
         return lk
 
