@@ -71,7 +71,6 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import random
 import resource
 import shutil
@@ -91,6 +90,7 @@ from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import shmgrid
+from benchcommon import OtherCpu, dist_version, host
 
 try:
     import redis
@@ -190,31 +190,6 @@ def stop_procs(procs: Dict[str, "subprocess.Popen[Any]"]) -> None:
     procs.clear()
 
 
-class OtherCpu:
-    """CPU the rest of the machine used meanwhile: busy time in /proc/stat
-    less this process's, its children's and the servers' (in CPUs)."""
-
-    def __init__(self, pids: Callable[[], List[int]]) -> None:
-        self.pids = pids
-        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> float:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
-
-    def _own(self) -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        servers = sum(c["main"] + c["other"] for c in map(thread_cpu, self.pids()))
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + servers
-
-    def cpus(self) -> float:
-        wall = time.monotonic() - self.t0
-        other = (self._busy() - self.busy0) - (self._own() - self.own0)
-        return max(0.0, other / wall) if wall > 0 else 0.0
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -263,8 +238,8 @@ KEYS = ("bench_next_calls", "bench_next_empty", "bench_next_wall", "bench_next_c
         f"bench_{h}_le{i}" for h in HISTS for i in range(len(BUCKETS) + 1))
 M = []
 _init = daemon.Metrics.__init__
-def init(self, host):
-    _init(self, host)
+def init(self):
+    _init(self)
     for k in KEYS:
         self.c[k] = 0.0
     M.append(self)
@@ -1188,7 +1163,7 @@ def bench(args: argparse.Namespace) -> Dict[str, Any]:
                ("redis", "lag"): redis_lag, ("redis", "rtt"): redis_rtt}
         servers = lambda: (br.pids() if br else []) + (rd.pids() if rd else [])  # noqa: E731
         for i in range(args.reps):
-            cpu = OtherCpu(servers)
+            cpu = OtherCpu(lambda: sum(c["main"] + c["other"] for c in map(thread_cpu, servers())))
             for m in args.measure:
                 for s in systems:
                     print(f"rep {i + 1}/{args.reps}: {m:10} {s:8}", end="\r", flush=True, file=sys.stderr)
@@ -1476,41 +1451,14 @@ def print_internals(res: Dict[str, Any], f: Dict[str, Dict[str, Dict[str, Any]]]
               f"{s.get('lag', {}).get('reader_cpu', 0):.2f} s")
 
 
-def _dist_version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:  # noqa: BLE001 - a version is only for the report
-        return "not installed"
-
-
 def machine(info: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
-    cpu, hyper = "", False
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for ln in fh:
-                if ln.startswith("model name") and not cpu:
-                    cpu = ln.split(":", 1)[1].strip()
-                if ln.startswith("flags"):
-                    hyper = hyper or " hypervisor" in ln
-    except OSError:
-        pass
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     try:
         server = subprocess.run([args.redis_server, "--version"], capture_output=True, text=True,
                                 timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         server = "not found"
-    hiredis = _dist_version("hiredis")
-    return {"cpu": cpu, "cpus": os.cpu_count(), "virtualized": hyper, "kernel": platform.release(),
-            "python": platform.python_version(), "shmgrid": shmgrid.__version__, "commit": commit,
-            "redis_server": info.get("redis_version") or server, "redis_py": _dist_version("redis"),
-            "hiredis": hiredis}
+    return {**host(), "redis_server": info.get("redis_version") or server,
+            "redis_py": dist_version("redis", "not installed"), "hiredis": dist_version("hiredis", "not installed")}
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

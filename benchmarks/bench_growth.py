@@ -31,7 +31,6 @@ import math
 import mmap
 import multiprocessing
 import os
-import platform
 import queue
 import random
 import resource
@@ -47,6 +46,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import shmgrid
+from benchcommon import OtherCpu, host
 from shmgrid._core import lib
 
 KEY_BYTES, VALUE_BYTES = 16, 32
@@ -371,33 +371,6 @@ def fill_two_processes(keys: List[bytes], values: List[bytes], capacity: int) ->
                 "per_process_s": [r[2] - r[1] for r in reports]}
 
 
-class OtherCpu:
-    """CPU time the rest of the machine used while this one ran: the busy
-    time in /proc/stat less this process's and its children's, in CPUs
-    (1.0 = one CPU kept busy by others throughout). The benchmark wants it
-    near 0: on a 2-CPU box, one busy neighbour moves the figures."""
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> float:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal (guest time is in user already)
-        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def cpus(self) -> float:
-        wall = time.monotonic() - self.t0
-        other = (self._busy() - self.busy0) - (self._own() - self.own0)
-        return max(0.0, other / wall) if wall > 0 else 0.0
-
-
 def bench(args: argparse.Namespace) -> Dict[str, Any]:
     rng = random.Random(SEED)
     keys = list({rng.randbytes(KEY_BYTES): None for _ in range(args.keys)})  # distinct
@@ -508,15 +481,8 @@ def print_report(res: Dict[str, Any], f: Dict[str, Any], args: argparse.Namespac
     return checks
 
 
-def machine() -> Dict[str, str]:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": str(os.cpu_count()), "kernel": platform.release(),
-            "python": platform.python_version(), "shmgrid": shmgrid.__version__}
+def machine() -> Dict[str, Any]:
+    return host()
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -43,14 +43,12 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import random
 import resource
 import shutil
 import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +61,7 @@ from itertools import repeat, starmap
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import shmgrid
+from benchcommon import OtherCpu, dist_version, host
 
 try:
     import faster_fifo
@@ -235,7 +234,7 @@ class FasterFifo(Peer):
         return None if faster_fifo else "not installed (pip install faster-fifo)"
 
     def version(self) -> str:
-        return _dist_version("faster-fifo")
+        return dist_version("faster-fifo")
 
     def create(self, tag: str, nchan: int) -> Any:
         # bytes in, bytes out: no pickling (dumps=bytes returns a bytes object itself)
@@ -328,14 +327,6 @@ def mq_max_messages() -> int:
             return min(SLOTS, int(f.read()))
     except OSError:
         return 10
-
-
-def _dist_version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:  # noqa: BLE001 - a version is only for the report
-        return "?"
 
 
 # ---- the two processes ---------------------------------------------------------
@@ -597,31 +588,6 @@ def call_costs(batch: int, rounds: int) -> Dict[str, Dict[str, float]]:
 
 # ---- the run -------------------------------------------------------------------------
 
-class OtherCpu:
-    """CPU time the rest of the machine used while this run went on: busy
-    time in /proc/stat less this process's and its children's, in CPUs (1.0
-    = one CPU kept busy by others throughout). On a 2-CPU box, one busy
-    neighbour moves the figures."""
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> float:
-        with open("/proc/stat") as fh:
-            f = [int(x) for x in fh.readline().split()[1:]]
-        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def cpus(self) -> float:
-        wall = time.monotonic() - self.t0
-        other = (self._busy() - self.busy0) - (self._own() - self.own0)
-        return max(0.0, other / wall) if wall > 0 else 0.0
-
 
 def plans(args: argparse.Namespace) -> List[Plan]:
     return [pl for pl in (Plan("single", args.count, args.warm, args.batch),
@@ -794,25 +760,7 @@ def print_report(res: Dict[str, Any], f: Dict[str, Dict[str, Any]], args: argpar
 
 
 def machine() -> Dict[str, Any]:
-    cpu, hyper = "", False
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for ln in fh:
-                if ln.startswith("model name") and not cpu:
-                    cpu = ln.split(":", 1)[1].strip()
-                if ln.startswith("flags"):
-                    hyper = hyper or " hypervisor" in ln
-    except OSError:
-        pass
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    m: Dict[str, Any] = {"cpu": cpu, "cpus": os.cpu_count(), "virtualized": hyper, "kernel": platform.release(),
-                         "python": platform.python_version(), "shmgrid": shmgrid.__version__, "commit": commit,
-                         "cffi": _dist_version("cffi"), "mq_msg_max": mq_max_messages()}
+    m: Dict[str, Any] = {**host(), "cffi": dist_version("cffi"), "mq_msg_max": mq_max_messages()}
     for p in PEERS[3:]:
         m[p.key] = p.missing() or p.version()
     return m
