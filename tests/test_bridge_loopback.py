@@ -314,6 +314,13 @@ def test_remote_unavailable_when_the_owner_is_down(cluster):
             B.put(ka, b"lost")
         assert time.monotonic() - t0 < 5
         assert B.get(ka) is None and ga.map("users").get(ka) is None  # applied nowhere
+        # a consistent read goes to the owner: with the owner down it fails
+        # where a plain read answers from the local mirror
+        with pytest.raises(shmgrid.RemoteUnavailable):
+            B.get(ka, consistent=True)
+        kb = next(k for k in (b"kb%d" % i for i in range(100)) if owned("b", k))
+        B.put(kb, b"mine")
+        assert B.get(kb, consistent=True) == b"mine"  # owned here: read here, no owner needed
         cluster.stop("b")  # and with no bridge at all on this host
         with pytest.raises(shmgrid.RemoteUnavailable, match="no bridge is running") as e:
             B.put(ka, b"lost")
