@@ -798,6 +798,7 @@ typedef struct sg__update {
     uint64_t expected_version; /* CAS_VERSION; 0 = the key must be absent */
     int64_t delta;             /* INCR */
     int tombstone;             /* APPLY: the owner's state is a delete */
+    int force;                 /* APPLY: store a version-0 tombstone whatever the key holds (reset) */
     char *old;                 /* DELETE: where to copy the removed value (may be NULL) */
     size_t oldcap;
     /* results */
@@ -831,8 +832,9 @@ static int sg__decide(sg__update *u, const sg__cur *c, int64_t cur, sg_block *nb
         u->oldlen = c->len;
         return c->present;
     case OP_APPLY:
-        /* a mirror taking the owner's state: only what is newer */
-        return u->expected_version > c->version;
+        /* a mirror taking the owner's state: only what is newer; a reset
+         * forgets the key, whatever version it held */
+        return u->force ? c->version != 0 : u->expected_version > c->version;
     case OP_INCR:
         if (c->present && c->len != 8)
             return sg__fail(SG_ENOTINT, "incr: the key holds a %u-byte value, not an 8-byte int64", c->len);
@@ -937,10 +939,10 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
             /* A key never written in this table starts above every version
              * a migration forgot (SYNC POINT: the floor was raised before
              * the DONE we passed through, acq_rel). */
-            uint64_t base = c.ref ? c.version : sg_load_acquire(&m->hdr->version_floor);
+            uint64_t version = c.ref ? c.version + 1 : sg_load_acquire(&m->hdr->version_floor) + 1;
             if (u->op == OP_APPLY)
-                base = u->expected_version - 1; /* the owner's version, as it is */
-            sg_store_relaxed(&nb->word, base + 1);
+                version = u->expected_version; /* the owner's version as it is (0 for a reset) */
+            sg_store_relaxed(&nb->word, version);
             uint64_t r = c.ref;
             /* The snapshot's block must still carry the version we decided
              * on: narrows the window in which a stall outlasting 2^26
@@ -962,7 +964,7 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
                 if (c.ref)
                     sg__free(m->g, SG_REF_OFF(c.ref));
                 sg__count(m, c.present, kind == SG_BLK_VALUE);
-                u->version = base + 1;
+                u->version = version;
                 sg__feed_append(m, hash, SG_HEAD_OFF(sg_load_relaxed(&s->head)), u->version, kind == SG_BLK_TOMB);
                 sg__exit(m);
                 return SG_OK;
@@ -1275,6 +1277,41 @@ int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_
         return sg__fail(SG_EINVAL, "apply: version %llu out of range", (unsigned long long)version);
     sg__update u = {.op = OP_APPLY, .val = val, .vlen = vlen, .expected_version = version, .tombstone = !!tombstone};
     return sg__apply(m, key, klen, &u);
+}
+
+int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
+{
+    if (!m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    char *key = malloc((size_t)m->max_key + m->max_value + 2);
+    if (!key)
+        return sg__fail(SG_ENOMEM, "reset: out of memory for a key buffer");
+    char *val = key + m->max_key + 1;
+    sg_iter *it;
+    int rc = sg_iter_open(m, &it);
+    if (rc) {
+        free(key);
+        return rc;
+    }
+    int64_t n = 0;
+    for (;;) {
+        size_t klen, vlen;
+        uint64_t version;
+        int present;
+        /* tombstones too: an old one would refuse the new owner's lower versions */
+        rc = sg__iter_step(it, key, m->max_key, &klen, val, m->max_value, &vlen, &version, 1, &present, nparts,
+                           mask);
+        if (rc)
+            break;
+        sg__update u = {.op = OP_APPLY, .force = 1, .tombstone = 1};
+        rc = sg__apply(m, key, klen, &u);
+        if (rc < 0)
+            break;
+        n += rc == SG_OK;
+    }
+    sg_iter_free(it);
+    free(key);
+    return rc < 0 ? rc : n;
 }
 
 int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,

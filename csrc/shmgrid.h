@@ -406,6 +406,13 @@ typedef struct sg_record_hdr {
  * SG_NO if not newer. Idempotent: replays are harmless. */
 int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_t vlen, uint64_t version,
                  int tombstone);
+/* Forget every key of the mask's partitions, tombstones included: each
+ * becomes a version-0 tombstone, so that any version applied later wins
+ * (a mirror following a new incarnation of the owner's grid, whose
+ * versions start again from 1). Weakly consistent like iteration: run it
+ * while nothing else writes those partitions (on a mirror, only its bridge
+ * does). The number of keys reset, or a negative error. */
+int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask);
 /* Mark the map mirrored (partitions > 0): writes to keys of partitions
  * whose bit is clear in local_mask are refused with SG_EREMOTE, except
  * sg_map_apply. partitions 0: not mirrored any more. */

@@ -17,7 +17,8 @@ from ._core import ffi, lib
 from ._wait import SLICE_NS, start
 from .errors import raise_for
 
-__all__ = ["partition_of", "PartitionMask", "snapshot", "ChangeStream", "apply_records", "BUFFER_BYTES"]
+__all__ = ["partition_of", "PartitionMask", "snapshot", "ChangeStream", "apply_records", "reset_partitions",
+           "BUFFER_BYTES"]
 
 BUFFER_BYTES = 1 << 20  # records per buffer: up to 1 MiB (at least one record of the largest size)
 _EAGAIN = lib.SG_EAGAIN
@@ -160,3 +161,15 @@ def apply_records(m: Any, records: bytes, mask: Optional[PartitionMask] = None) 
     if n < 0:
         raise_for(n)
     return n, applied[0]
+
+
+def reset_partitions(m: Any, mask: PartitionMask) -> int:
+    """Forget every key of ``mask``'s partitions in map ``m``, tombstones
+    included (each becomes a version-0 tombstone, so any version applied
+    later wins): the number of keys reset. For a mirror about to follow a
+    grid whose versions are unrelated to the ones it holds; run it while
+    nothing else writes those partitions."""
+    n = lib.sg_map_reset_partitions(m._h, mask.partitions, mask.c)
+    if n < 0:
+        raise_for(n)
+    return n  # type: ignore[no-any-return]

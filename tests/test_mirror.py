@@ -96,6 +96,35 @@ def test_apply_keeps_only_newer_and_replays_are_harmless(two_grids):
     assert B.get("k") is None and mirror.apply_records(B, new) == (1, 0)  # the delete stays
 
 
+def test_reset_forgets_the_partitions_tombstones_included(two_grids):
+    """What a mirror does before following a grid whose versions are
+    unrelated to its own: every key of the partitions becomes a version-0
+    tombstone, so the new owner's version 1 wins; other partitions stay."""
+    a, b = two_grids
+    A, B = a.map("m"), b.map("m")
+    keys = [b"r%d" % i for i in range(300)]
+    for k in keys:
+        for _ in range(3):
+            A[k] = b"old"
+    for k in keys[:30]:
+        del A[k]
+    mirror.apply_records(B, b"".join(mirror.snapshot(A, mirror.PartitionMask(1, [0]))))
+    gone = mirror.PartitionMask(4, [1, 3])
+    in_gone = {k for k in keys if mirror.partition_of(k, 4) in gone}
+    assert mirror.reset_partitions(B, gone) == len(in_gone)  # the 30 tombstones too
+    assert mirror.reset_partitions(B, gone) == 0  # nothing left to forget
+    assert set(B.keys()) == {k for k in keys[30:] if k not in in_gone}
+    assert all(B.get_versioned(k) == (b"old", 3) for k in keys[30:] if k not in in_gone)
+    C = b.map("c", capacity=16)  # a fresh owner: version 1 for every key
+    for k in keys:
+        C[k] = b"new"
+    n, applied = mirror.apply_records(B, b"".join(mirror.snapshot(C, gone)), gone)
+    assert n == applied == len(in_gone)
+    assert all(B.get_versioned(k) == (b"new", 1) for k in in_gone)
+    B.put(next(iter(in_gone)), b"local")  # a local write after a reset starts from version 1
+    assert B.get_versioned(next(iter(in_gone)))[1] == 2
+
+
 def test_lost_changes_are_reported(two_grids):
     a, _ = two_grids
     A = a.map("m", capacity=128)
