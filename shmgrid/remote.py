@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any, Dict, Optional
 
 from . import errors
@@ -27,6 +28,7 @@ __all__ = ["socket_address", "call"]
 _HDR = struct.Struct("<I")
 _MAX = 64 << 20
 CLIENT_TIMEOUT = 60.0  # a safety net: the bridge answers RemoteUnavailable after its own timeout
+RETRY_SECONDS = 10.0  # how long a request whose connection broke is sent again (a bridge restart)
 
 
 def socket_address(grid: str) -> str:
@@ -86,40 +88,50 @@ def _connect(grid: str) -> socket.socket:
 def call(grid: str, request: Dict[str, Any]) -> Dict[str, Any]:
     """Send a request to this host's bridge for ``grid``; its reply. Raises
     RemoteUnavailable when no bridge runs, or the error class the owner
-    raised."""
+    raised.
+
+    Each request carries a random id. If the connection breaks before the
+    reply (the bridge restarted, say), the request is sent again with the
+    same id for up to RETRY_SECONDS: the owner applies a request id at
+    most once, so a retry returns the first attempt's result."""
     with _conns_lock:
         c = _conns.setdefault(grid, _Conn())
-    body = json.dumps(request).encode()
+    body = json.dumps({**request, "rid": os.urandom(16).hex()}).encode()
     frame = _HDR.pack(len(body)) + body
-    fresh = False
-    if c.sock is None or c.pid != os.getpid():  # one connection per thread, not inherited across fork
-        c.sock, c.pid, fresh = _connect(grid), os.getpid(), True
-    try:
+    sent = False  # the whole request went out at least once: it may have been applied
+    give_up = 0.0
+    while True:
         try:
-            c.sock.sendall(frame)
-        except OSError:
-            if fresh:
+            if c.sock is None or c.pid != os.getpid():  # one connection per thread, not inherited across fork
+                c.sock, c.pid = _connect(grid), os.getpid()
+            c.sock.sendall(frame)  # (a partial request is dropped by the bridge)
+            sent = True
+            (n,) = _HDR.unpack(_recv_exact(c.sock, 4))
+            if n > _MAX:
+                raise ConnectionError(f"reply of {n} bytes")
+            reply = json.loads(_recv_exact(c.sock, n))
+            break
+        except RemoteUnavailable:  # no bridge to connect to, or not ours
+            c.sock = None
+            if not sent:
                 raise
-            # a connection kept from before (the bridge restarted since):
-            # the request did not get through, so sending it again is safe
-            c.sock.close()
-            c.sock = _connect(grid)
-            c.sock.sendall(frame)
-        (n,) = _HDR.unpack(_recv_exact(c.sock, 4))
-        if n > _MAX:
-            raise ConnectionError(f"reply of {n} bytes")
-        reply = json.loads(_recv_exact(c.sock, n))
-    except RemoteUnavailable:  # no bridge to reconnect to: nothing was sent
-        c.sock = None
-        raise
-    except BaseException as e:  # broken, timed out or interrupted: the connection is out of step
-        if c.sock is not None:
-            c.sock.close()
-        c.sock = None
-        if isinstance(e, (OSError, ValueError)):
-            raise RemoteUnavailable(f"bridge for grid {grid!r}: {e}; the write may or may not have been "
+            err: BaseException = ConnectionError("the bridge went away and did not come back")
+        except BaseException as e:  # broken, timed out or interrupted: the connection is out of step
+            if c.sock is not None:
+                c.sock.close()
+            c.sock = None
+            if isinstance(e, socket.timeout):  # a bridge that hangs: sending again would not help
+                raise RemoteUnavailable(f"bridge for grid {grid!r} did not answer within {CLIENT_TIMEOUT:g} s; "
+                                        "the write may or may not have been applied") from None
+            if not isinstance(e, (OSError, ValueError)):
+                raise
+            err = e
+        now = time.monotonic()
+        give_up = give_up or now + RETRY_SECONDS
+        if now >= give_up:
+            raise RemoteUnavailable(f"bridge for grid {grid!r}: {err}; the write may or may not have been "
                                     "applied") from None
-        raise
+        time.sleep(0.05)
     if "error" in reply:
         cls = getattr(errors, reply["error"], None)
         if not (isinstance(cls, type) and issubclass(cls, errors.ShmgridError)):

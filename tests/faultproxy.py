@@ -1,5 +1,7 @@
 """A TCP proxy that injects faults: a delay on every chunk it forwards,
-and connections cut at random. Runs its own event loop in a thread."""
+connections cut at random, and (optionally) a byte flipped in a chunk past
+the first ``intact`` bytes of a connection. Runs its own event loop in a
+thread."""
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +11,13 @@ from typing import Optional
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, delay: float = 0.005, drop: float = 0.02, seed: int = 1) -> None:
+    def __init__(self, target_port: int, delay: float = 0.005, drop: float = 0.02, seed: int = 1,
+                 corrupt: float = 0.0, intact: int = 4096) -> None:
         self.target_port, self.delay, self.drop = target_port, delay, drop
+        self.corrupt, self.intact = corrupt, intact
         self.rnd = random.Random(seed)
         self.cuts = 0
+        self.corrupted = 0
         self.port = 0
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -37,14 +42,20 @@ class FaultProxy:
         self.loop.close()
 
     def heal(self) -> None:
-        self.delay, self.drop = 0.0, 0.0
+        self.delay, self.drop, self.corrupt = 0.0, 0.0, 0.0
 
     async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, peer: asyncio.StreamWriter) -> None:
+        passed = 0
         try:
             while True:
                 data = await r.read(4096)
                 if not data:
                     break
+                passed += len(data)
+                if self.corrupt and passed > self.intact and self.rnd.random() < self.corrupt:
+                    i = self.rnd.randrange(len(data))
+                    data = data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
+                    self.corrupted += 1
                 if self.delay:
                     await asyncio.sleep(self.rnd.uniform(0, self.delay))
                 if self.drop and self.rnd.random() < self.drop:

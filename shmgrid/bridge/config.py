@@ -124,6 +124,8 @@ def parse(data: Dict[str, Any], path: str = "<config>") -> Config:
     maps: Dict[str, MapConfig] = {}
     for mname, m in maps_raw.items():
         w = f"maps.{mname}"
+        if mname.startswith("_shmgrid"):
+            raise ConfigError(where(f"{w}: names starting with _shmgrid are the bridge's own"))
         if not isinstance(m, dict):
             raise ConfigError(where(f"{w}: expected a table"))
         unknown = sorted(set(m) - _MAP)

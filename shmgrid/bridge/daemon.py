@@ -28,7 +28,8 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .. import mirror
 from .._core import ffi, lib
@@ -36,13 +37,15 @@ from ..errors import InvalidArgument, RemoteUnavailable, ShmgridError
 from ..remote import b64, socket_address, unb64
 from ..grid import SHM_DIR, Grid
 from .config import Config
-from .protocol import T, ProtocolError, client_handshake, frame, jframe, read_frame, records_frame, server_handshake
-from .protocol import split_records
+from .protocol import T, Link, ProtocolError, client_handshake, records_payload, server_handshake, split_records
 
 __all__ = ["Bridge", "run"]
 
 log = logging.getLogger("shmgrid.bridge")
 MAX_UNAUTHENTICATED = 64  # connections in the handshake at once
+STATE_MAP = "_shmgrid.bridge"  # per partition: the owner's grid whose data this host holds
+DEDUP_SECONDS = 120.0  # an owner remembers the result of a remote write this long, for retries
+DEDUP_MAX = 1 << 20
 _REC = struct.Struct("<HBBIQ")
 
 
@@ -64,11 +67,15 @@ class Metrics:
     def set(self, name: str, v: float, **labels: str) -> None:
         self.c[self._key(name, labels)] = v
 
-    def prometheus(self) -> str:
+    def prometheus(self, extra: Optional[Dict[str, float]] = None) -> str:
         lines = []
-        for key, v in sorted(self.c.items()):
+        for key, v in sorted({**self.c, **(extra or {})}.items()):
             lines.append(f"shmgrid_bridge_{key} {v:g}")
         return "\n".join(lines) + "\n"
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _keys_of(records: bytes) -> List[bytes]:
@@ -81,6 +88,40 @@ def _keys_of(records: bytes) -> List[bytes]:
     return out
 
 
+class _Throttle:
+    """At most ``burst`` log lines per ``period`` seconds per kind: a flood
+    of bad connections must not fill the disk. The next line after a quiet
+    spell says how many were left out."""
+
+    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
+        self.burst, self.period = burst, period
+        self.state: Dict[str, List[float]] = {}  # kind -> [window start, lines in it, suppressed]
+
+    def warning(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        st = self.state.setdefault(kind, [now, 0, 0])
+        if now - st[0] >= self.period:
+            if st[2]:
+                log.warning("%d more %s messages were not logged in the last %.0f s", st[2], kind, now - st[0])
+            st[:] = [now, 0, 0]
+        if st[1] < self.burst:
+            st[1] += 1
+            log.warning(msg, *args)
+        else:
+            st[2] += 1
+
+
+class _Pending:
+    """A remote write awaiting its owner's answer."""
+
+    __slots__ = ("owner", "req", "reply", "sent", "waiters")
+
+    def __init__(self, owner: str, req: Dict[str, Any], reply: "asyncio.Future[Dict[str, Any]]") -> None:
+        self.owner, self.req, self.reply = owner, req, reply
+        self.sent = False  # went out on a link at least once: the owner may have applied it
+        self.waiters = 0  # local callers awaiting it (a caller's retry joins the first attempt)
+
+
 class Bridge:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -89,15 +130,21 @@ class Bridge:
         self.grid: Optional[Grid] = None
         self._stop = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bridge-feed")
-        self._owner_writers: Dict[str, asyncio.StreamWriter] = {}  # owners we follow, while connected
-        self._sessions: Dict[str, asyncio.StreamWriter] = {}  # mirrors we serve: the latest session of each
+        self._owner_links: Dict[str, Link] = {}  # owners we follow, while connected
+        self._sessions: Dict[str, Link] = {}  # mirrors we serve: the latest session of each
+        self._throttle = _Throttle()
+        self._heard: Dict[str, float] = {}  # owner -> when we last had a frame from it
         self._applied: Dict[str, asyncio.Event] = {}  # per map: set when a buffer of records was applied
         self._unauthenticated = 0  # connections still in the handshake
         # per map: set after a remote write is applied here, so that its
         # record ships without the batching delay (the writer waits for it)
         self._urgent: Dict[str, threading.Event] = {}
-        self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}  # remote writes awaiting the owner
-        self._next_id = 1
+        # remote writes awaiting their owner, by request id: (owner, request,
+        # its reply); sent again on every reconnect until answered
+        self._pending: Dict[str, Any] = {}
+        # owner side: the results of recent remote writes by request id, so
+        # that a request sent again (after a reconnect) is not applied twice
+        self._done: "OrderedDict[str, Tuple[float, Dict[str, Any]]]" = OrderedDict()
         # where we are in each owner's change feed, per map: {"feed": its
         # identity, "cursor": position}; a reconnect resumes there
         self._resume: Dict[str, Dict[str, Dict[str, Any]]] = {}
@@ -132,6 +179,7 @@ class Bridge:
         self._feed_id = f"{cfg.name}:{self.grid.info()['created_ns']}"
         for n, mc in cfg.maps.items():
             self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
+        self._state = self.grid.map(STATE_MAP, capacity=1024, max_key=256, max_value=256)
         for n, mc in cfg.maps.items():  # writes to other hosts' partitions now come through us
             rc = lib.sg_map_set_mirror(self.maps[n]._h, mc.partitions, self._masks[cfg.name][n].c)
             if rc:
@@ -158,9 +206,10 @@ class Bridge:
                 t.cancel()
             server.close()
             local.close()
-            for f in self._pending.values():
-                if not f.done():
-                    f.set_exception(RemoteUnavailable("the bridge is stopping"))
+            for pw in self._pending.values():
+                if not pw.reply.done():
+                    pw.reply.set_exception(RemoteUnavailable("the bridge is stopping; the write may or may not have "
+                                                      "been applied"))
             if mserver:
                 mserver.close()
             # bounded: on Python <= 3.11 a wait_for may swallow a cancel
@@ -175,6 +224,7 @@ class Bridge:
         cfg = self.cfg
         addr = writer.get_extra_info("peername")
         peer = None
+        link: Optional[Link] = None
         tasks: List[asyncio.Future] = []
         if self._unauthenticated >= MAX_UNAUTHENTICATED:
             # a flood of connections that never authenticate must not use up
@@ -185,13 +235,13 @@ class Bridge:
         self._unauthenticated += 1
         try:
             try:
-                peer = await server_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+                peer, link = await server_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
             finally:
                 self._unauthenticated -= 1
             if peer not in cfg.hosts or peer == cfg.name:
                 raise ProtocolError(f"authenticated peer calls itself {peer!r}, which is not another host of the "
                                     "configuration")
-            kind, payload = await asyncio.wait_for(read_frame(reader), cfg.timeout)
+            kind, payload = await asyncio.wait_for(link.recv(), cfg.timeout)
             if kind != T.SUBSCRIBE:
                 raise ProtocolError(f"expected SUBSCRIBE, got frame type {kind}")
             wanted = json.loads(payload)["maps"]
@@ -199,19 +249,21 @@ class Bridge:
                 mc = cfg.maps.get(name)
                 mine = self._masks[cfg.name].get(name)
                 if mc is None or mine is None or spec.get("partitions") != mc.partitions or \
-                        sorted(spec.get("owned", [])) != sorted(mine.members):
-                    msg = f"map {name!r}: the mirror's configuration disagrees with ours (partitions or owners)"
-                    writer.write(frame(T.ERROR, msg.encode()))
+                        sorted(spec.get("owned", [])) != sorted(mine.members) or \
+                        (spec.get("max_key"), spec.get("max_value")) != (mc.max_key, mc.max_value):
+                    msg = (f"map {name!r}: the mirror's configuration disagrees with ours (partitions, owners, "
+                           "max_key or max_value)")
+                    link.send(T.ERROR, msg.encode())
                     raise ProtocolError(msg)
             log.info("mirror %s connected from %s for %s", peer, addr, ", ".join(wanted))
             self.metrics.add("mirror_connections_total", peer=peer)
             old = self._sessions.get(peer)
             if old is not None:  # its older session is over: no stale write of it may land later
                 old.close()
-            self._sessions[peer] = writer
+            self._sessions[peer] = link
             for name, spec in wanted.items():
-                tasks.append(asyncio.ensure_future(self._ship(peer, name, writer, spec.get("resume"))))
-            tasks.append(asyncio.ensure_future(self._heartbeat(writer)))
+                tasks.append(asyncio.ensure_future(self._ship(peer, name, link, spec.get("resume"))))
+            tasks.append(asyncio.ensure_future(self._heartbeat(link)))
 
             def died(t: "asyncio.Future[Any]") -> None:  # a shipping task must not die unnoticed
                 if not t.cancelled() and t.exception() is not None:
@@ -221,65 +273,68 @@ class Bridge:
             for t in tasks:
                 t.add_done_callback(died)
             while True:  # then remote writes and heartbeats, until it goes away or falls silent
-                kind, payload = await asyncio.wait_for(read_frame(reader), cfg.timeout * 3)
+                kind, payload = await asyncio.wait_for(link.recv(), cfg.timeout * 3)
                 if kind == T.HEARTBEAT:
                     continue
                 if kind != T.WRITE:
                     raise ProtocolError(f"unexpected frame type {kind} from mirror {peer}")
                 req = json.loads(payload)
-                result = self._apply_owned(peer, req)
-                result["id"] = req["id"]
-                writer.write(jframe(T.WRITE_RESULT, result))
-                await writer.drain()
+                result = {**self._apply_owned(peer, req), "id": str(req["id"])}
+                link.send_json(T.WRITE_RESULT, result)
+                await link.drain()
         except (ProtocolError, ValueError, KeyError, TypeError) as e:
             self.metrics.add("rejected_connections_total")
-            log.warning("connection from %s (%s) rejected: %s", addr, peer or "unauthenticated", e)
+            self._throttle.warning("rejected-connection", "connection from %s (%s) rejected: %s", addr,
+                                   peer or "unauthenticated", e)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as e:
             if peer is not None and isinstance(e, asyncio.IncompleteReadError) and not e.partial:
                 log.info("mirror %s disconnected", peer)
             elif peer is None:  # gone or silent before proving it holds the secret
                 self.metrics.add("rejected_connections_total")
-                log.warning("connection from %s rejected: %s during the handshake", addr, type(e).__name__)
+                self._throttle.warning("rejected-connection", "connection from %s rejected: %s during the handshake",
+                                       addr, type(e).__name__)
             else:
                 log.info("connection from %s (%s) closed: %s", addr, peer, type(e).__name__)
         finally:
-            if peer is not None and self._sessions.get(peer) is writer:
+            if peer is not None and link is not None and self._sessions.get(peer) is link:
                 del self._sessions[peer]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             writer.close()
 
-    async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
+    async def _heartbeat(self, link: Link) -> None:
         while True:
             await asyncio.sleep(self.cfg.timeout / 3)
-            writer.write(frame(T.HEARTBEAT))
-            await writer.drain()
+            link.send(T.HEARTBEAT)
+            await link.drain()
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes, peer: str, name: str, records: bool) -> None:
-        writer.write(data)
-        if records:
-            self.metrics.add("bytes_shipped_total", len(data), peer=peer, map=name)
-        await writer.drain()
+    async def _send(self, link: Link, kind: int, payload: bytes, peer: str, name: str) -> None:
+        n = link.send(kind, payload)
+        if kind == T.RECORDS:
+            self.metrics.add("bytes_shipped_total", n, peer=peer, map=name)
+        await link.drain()
 
-    async def _snapshot(self, peer: str, name: str, mask: mirror.PartitionMask, writer: asyncio.StreamWriter,
+    async def _snapshot(self, peer: str, name: str, mask: mirror.PartitionMask, link: Link,
                         stream: mirror.ChangeStream) -> None:
         loop = asyncio.get_running_loop()
         m = self.maps[name]
         cursor = stream.cursor()  # the stream re-sends everything from here on
-        await self._send(writer, jframe(T.SNAP_BEGIN, {"map": name}), peer, name, False)
+        # the feed identity names this grid's incarnation: a mirror that
+        # holds another's data of these partitions forgets it first
+        await self._send(link, T.SNAP_BEGIN, _json({"map": name, "feed": self._feed_id}), peer, name)
         gen = mirror.snapshot(m, mask)
         while True:
             chunk = await loop.run_in_executor(self._pool, next, gen, None)
             if chunk is None:
                 break
-            await self._send(writer, records_frame(name, chunk, time.time(), cursor), peer, name, True)
+            await self._send(link, T.RECORDS, records_payload(name, chunk, time.time(), cursor), peer, name)
         floor = lib.sg_map_version_floor(m._h)
         end = {"map": name, "floor": floor, "feed": self._feed_id, "cursor": cursor}
-        await self._send(writer, jframe(T.SNAP_END, end), peer, name, False)
+        await self._send(link, T.SNAP_END, _json(end), peer, name)
         self.metrics.add("snapshots_sent_total", peer=peer, map=name)
 
-    async def _ship(self, peer: str, name: str, writer: asyncio.StreamWriter, resume: Optional[Dict[str, Any]]) -> None:
+    async def _ship(self, peer: str, name: str, link: Link, resume: Optional[Dict[str, Any]]) -> None:
         """Ship map ``name``'s partitions owned here to ``peer``: resume the
         change stream where the mirror left it if our feed still holds that
         position, else a snapshot, then the stream (opened first, so
@@ -293,7 +348,7 @@ class Bridge:
             self.metrics.add("resumes_total", peer=peer, map=name)
             log.info("map %s: %s resumes at feed position %s", name, peer, resume.get("cursor"))
         else:
-            await self._snapshot(peer, name, mask, writer, stream)
+            await self._snapshot(peer, name, mask, link, stream)
         while True:
             before = stream.cursor()
             urgent = self._urgent.setdefault(name, threading.Event())
@@ -302,13 +357,13 @@ class Bridge:
                 # with a loss, the resume point stays where it was: a mirror
                 # reconnecting before the snapshot below must not skip it
                 cursor = before if lost else stream.cursor()
-                await self._send(writer, records_frame(name, recs, time.time(), cursor), peer, name, True)
-                self.metrics.set("send_queue_bytes", writer.transport.get_write_buffer_size(), peer=peer)
+                await self._send(link, T.RECORDS, records_payload(name, recs, time.time(), cursor), peer, name)
+                self.metrics.set("send_queue_bytes", link.buffered(), peer=peer)
             if lost:
                 log.info("map %s: %d changes gone from the feed before %s had them: sending a snapshot", name,
                          lost, peer)
                 self.metrics.add("resyncs_total", peer=peer, map=name)
-                await self._snapshot(peer, name, mask, writer, stream)
+                await self._snapshot(peer, name, mask, link, stream)
 
     # ---- mirror side: follow an owner -------------------------------------------------
 
@@ -319,46 +374,61 @@ class Bridge:
         masks = {n: mk for n, mk in self._masks[owner].items() if mk.members}
         while True:
             writer = None
+            link: Optional[Link] = None
+            since = time.monotonic()
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=self._tls(False)),
                                                         cfg.timeout)
-                await client_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+                _, link = await client_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
                 where = self._resume.setdefault(owner, {})
-                sub = {n: {"partitions": mk.partitions, "owned": sorted(mk.members), "resume": where.get(n)}
+                sub = {n: {"partitions": mk.partitions, "owned": sorted(mk.members), "resume": where.get(n),
+                           "max_key": cfg.maps[n].max_key, "max_value": cfg.maps[n].max_value}
                        for n, mk in masks.items()}
-                writer.write(jframe(T.SUBSCRIBE, {"maps": sub}))
-                await writer.drain()
-                backoff = 0.05
+                link.send_json(T.SUBSCRIBE, {"maps": sub})
+                # remote writes that went unanswered on a broken connection:
+                # again, with their ids, which the owner answers only once
+                for rid, pw in self._pending.items():
+                    if pw.owner == owner:
+                        link.send_json(T.WRITE, {**pw.req, "id": rid})
+                        if pw.sent:
+                            self.metrics.add("remote_writes_resent_total", peer=owner)
+                        pw.sent = True
+                await link.drain()
                 self.metrics.peers[owner] = {"connected": True, "since": time.time()}
                 log.info("following %s at %s:%d for %s", owner, host, port, ", ".join(masks))
-                self._owner_writers[owner] = writer
-                beat = asyncio.ensure_future(self._heartbeat(writer))  # so the owner can tell we are alive
+                self._owner_links[owner] = link
+                beat = asyncio.ensure_future(self._heartbeat(link))  # so the owner can tell we are alive
                 try:
-                    await self._follow(owner, reader, masks)
+                    await self._follow(owner, link, masks)
                 finally:
                     beat.cancel()
             except asyncio.CancelledError:
                 raise
             except (ProtocolError, InvalidArgument) as e:
-                log.warning("owner %s: %s", owner, e)
+                self._throttle.warning(f"owner-{owner}", "owner %s: %s", owner, e)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 log.info("owner %s unreachable or gone: %s", owner, type(e).__name__)
             except Exception:  # a bug: say so, and keep following
                 log.exception("following owner %s failed", owner)
             finally:
+                if link is not None and self._owner_links.get(owner) is link:
+                    del self._owner_links[owner]
                 if writer is not None:
-                    if self._owner_writers.get(owner) is writer:
-                        del self._owner_writers[owner]
                     writer.close()
             self.metrics.peers[owner] = {"connected": False, "since": time.time()}
             self.metrics.add("reconnects_total", peer=owner)
+            # back off from a link that fails again and again, even after
+            # a handshake: only a connection that lasted resets the delay
+            if time.monotonic() - since >= cfg.timeout:
+                backoff = 0.05
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    async def _follow(self, owner: str, reader: asyncio.StreamReader, masks: Dict[str, mirror.PartitionMask]) -> None:
+    async def _follow(self, owner: str, link: Link, masks: Dict[str, mirror.PartitionMask]) -> None:
         snap: Dict[str, Set[bytes]] = {}  # maps in a snapshot: the keys it has carried so far
         while True:
-            kind, payload = await asyncio.wait_for(read_frame(reader), self.cfg.timeout * 2)
+            kind, payload = await asyncio.wait_for(link.recv(), self.cfg.timeout * 2)
+            self._heard[owner] = time.time()
             if kind == T.HEARTBEAT:
                 continue
             if kind == T.RECORDS:
@@ -382,23 +452,53 @@ class Bridge:
                 if name in snap:
                     snap[name].update(_keys_of(recs))
             elif kind == T.SNAP_BEGIN:
-                name = json.loads(payload)["map"]
-                snap[name] = set()
+                begin = json.loads(payload)
+                name = begin["map"]
+                if name not in masks:
+                    raise ProtocolError(f"a snapshot of map {name!r}, which {owner} does not ship to us")
                 self._resume.get(owner, {}).pop(name, None)  # a broken snapshot cannot be resumed
+                await self._adopt(owner, name, masks[name], str(begin["feed"]))
+                snap[name] = set()
             elif kind == T.SNAP_END:
                 end = json.loads(payload)
                 name = end["map"]
+                if name not in snap:
+                    raise ProtocolError(f"the end of a snapshot of map {name!r} that did not begin")
                 self._prune(name, masks[name], snap.pop(name), int(end["floor"]))
                 self._resume.setdefault(owner, {})[name] = {"feed": end["feed"], "cursor": int(end["cursor"])}
             elif kind == T.WRITE_RESULT:
                 res = json.loads(payload)
-                f = self._pending.pop(res.pop("id"), None)
-                if f is not None and not f.done():
-                    f.set_result(res)
+                pw = self._pending.get(str(res.pop("id")))
+                if pw is not None and not pw.reply.done():
+                    pw.reply.set_result(res)
             elif kind == T.ERROR:
                 raise ProtocolError(f"{owner} refused us: {payload.decode('utf-8', 'replace')}")
             else:
                 raise ProtocolError(f"unexpected frame type {kind} from {owner}")
+
+    async def _adopt(self, owner: str, name: str, mask: mirror.PartitionMask, feed: str) -> None:
+        """Before the first snapshot from a grid whose data we do not hold
+        for some of these partitions (the first sync, a grid created again
+        on the owner host, a partition that moved to another owner):
+        forget all we hold of them, tombstones included. The new grid's
+        versions may be lower than ours, and applying keeps only what is
+        newer, so without this the mirror would never converge. Which grid
+        each partition follows is kept in our grid (STATE_MAP), so a
+        restarted bridge knows it."""
+        ident = feed.encode()
+        prefix = name.encode() + b"/"
+        stale = [p for p in sorted(mask.members) if self._state.get(prefix + b"%d" % p) != ident]
+        if not stale:
+            return
+        m = self.maps[name]
+        gone = await asyncio.get_running_loop().run_in_executor(
+            self._pool, mirror.reset_partitions, m, mirror.PartitionMask(mask.partitions, stale))
+        for p in stale:  # after the reset: a crash before this only repeats it
+            self._state.put(prefix + b"%d" % p, ident)
+        self.metrics.add("partition_resets_total", len(stale), peer=owner, map=name)
+        if gone:
+            log.warning("map %s: %s serves %d partitions from grid %s, which we did not follow before: "
+                        "forgot the %d keys we held of them", name, owner, len(stale), feed, gone)
 
     def _prune(self, name: str, mask: mirror.PartitionMask, seen: Set[bytes], floor: int) -> None:
         """After a snapshot: keys we hold in its partitions that it did not
@@ -477,26 +577,35 @@ class Bridge:
             return {"error": "InvalidArgument", "message": f"map {name!r} is not mirrored by this bridge"}
         key = unb64(req["key"]) or b""
         owner = mc.owners[mirror.partition_of(key, mc.partitions)]
+        # the caller's request id, kept across its retries (shmgrid.remote)
+        rid = req.pop("rid", None)
+        if not isinstance(rid, str) or not 16 <= len(rid) <= 64:
+            rid = os.urandom(16).hex()
         if owner == cfg.name:
-            return self._apply_owned(cfg.name, req)
+            return self._apply_owned(cfg.name, {**req, "id": rid})
         deadline = time.monotonic() + cfg.timeout
-        while owner not in self._owner_writers:  # connecting, or reconnecting
-            if time.monotonic() >= deadline:
-                raise RemoteUnavailable(f"owner {owner} of the key's partition is unreachable "
-                                        f"(no connection for {cfg.timeout:g} s); nothing was applied")
-            await asyncio.sleep(0.01)
-        rid = self._next_id
-        self._next_id += 1
-        fut: "asyncio.Future[Dict[str, Any]]" = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        pw = self._pending.get(rid)
+        if pw is None:  # (else: the caller's retry of a request still under way)
+            pw = self._pending[rid] = _Pending(owner, req, asyncio.get_running_loop().create_future())
+            link = self._owner_links.get(owner)
+            if link is not None:  # else it goes out when the link is up again
+                link.send_json(T.WRITE, {**req, "id": rid})
+                pw.sent = True
+        pw.waiters += 1
         try:
-            self._owner_writers[owner].write(jframe(T.WRITE, {**req, "id": rid}))
-            res = await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
-        except (asyncio.TimeoutError, ConnectionError, KeyError):
-            raise RemoteUnavailable(f"owner {owner} did not answer within {cfg.timeout:g} s; the write may or may "
-                                    "not have been applied there") from None
+            res = await asyncio.wait_for(asyncio.shield(pw.reply), cfg.timeout)
+        except asyncio.TimeoutError:
+            if pw.sent:
+                raise RemoteUnavailable(f"owner {owner} did not answer within {cfg.timeout:g} s; the write may or "
+                                        "may not have been applied there") from None
+            raise RemoteUnavailable(f"owner {owner} of the key's partition is unreachable (no connection for "
+                                    f"{cfg.timeout:g} s); nothing was applied") from None
         finally:
-            self._pending.pop(rid, None)
+            pw.waiters -= 1
+            if pw.waiters == 0 and self._pending.get(rid) is pw:
+                # in the same step as the caller's answer: a request never
+                # sent is never sent later, so "nothing was applied" holds
+                del self._pending[rid]
         want = res.get("version", 0)
         if want and "error" not in res:  # read-your-writes: wait for our mirror to hold it
             m = self.maps[name]
@@ -517,16 +626,37 @@ class Bridge:
         return res
 
     def _apply_owned(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
-        """Apply a remote write on a key whose partition is owned here. A
+        """Apply a remote write on a key whose partition is owned here, at
+        most once per request id: a request sent again (the mirror's link
+        broke before the answer came back) gets the first answer. A
         malformed request gets an error reply; it never costs the link."""
+        rid = req.get("id") if isinstance(req, dict) else None
+        if isinstance(rid, str):
+            hit = self._done.get(rid)
+            if hit is not None:
+                self.metrics.add("remote_writes_deduplicated_total", peer=peer)
+                return dict(hit[1])
         try:
-            return self._apply_owned_checked(peer, req)
+            res = self._apply_owned_checked(peer, req)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
-            return {"error": "InvalidArgument", "message": f"malformed request: {type(e).__name__}: {e}"}
-        finally:
+            res = {"error": "InvalidArgument", "message": f"malformed request: {type(e).__name__}: {e}"}
+        finally:  # ship the change without the batching delay: the writer waits for it
             ev = self._urgent.get(str(req.get("map")) if isinstance(req, dict) else "")
             if ev is not None:
                 ev.set()
+        if isinstance(rid, str) and req.get("op") != "get":
+            self._remember(rid, res)
+        return res
+
+    def _remember(self, rid: str, res: Dict[str, Any]) -> None:
+        now = time.monotonic()
+        done = self._done
+        done[rid] = (now, dict(res))
+        while done:
+            first = next(iter(done.values()))
+            if len(done) <= DEDUP_MAX and now - first[0] <= DEDUP_SECONDS:
+                break
+            done.popitem(last=False)
 
     def _apply_owned_checked(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
         if not isinstance(req, dict):
@@ -571,6 +701,14 @@ class Bridge:
 
     # ---- metrics -------------------------------------------------------------------
 
+    def _gauges(self) -> Dict[str, float]:
+        """Figures computed when read: how long since each owner we follow
+        was last heard from (the lag figure is stamped when records arrive,
+        so it stands still while an owner is away; this one grows)."""
+        now = time.time()
+        return {Metrics._key("owner_silence_seconds", {"peer": o}): max(0.0, now - t)
+                for o, t in self._heard.items()}
+
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
@@ -578,10 +716,10 @@ class Bridge:
             if path.startswith("/status"):
                 maps = {n: {"partitions": mc.partitions, "owners": list(mc.owners)} for n, mc in self.cfg.maps.items()}
                 body = json.dumps({"host": self.cfg.name, "peers": self.metrics.peers, "maps": maps,
-                                   "counters": self.metrics.c}).encode()
+                                   "counters": {**self.metrics.c, **self._gauges()}}).encode()
                 ctype = b"application/json"
             else:
-                body = self.metrics.prometheus().encode()
+                body = self.metrics.prometheus(self._gauges()).encode()
                 ctype = b"text/plain; version=0.0.4"
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Length: " +
                          str(len(body)).encode() + b"\r\n\r\n" + body)

@@ -1,12 +1,13 @@
-"""The bridge's wire protocol: length-prefixed, bounded frames over TCP,
-and a shared-secret challenge-response before anything else.
+"""The bridge's wire protocol: length-prefixed, bounded frames over TCP, a
+shared-secret challenge-response before anything else, and a MAC on every
+frame after it.
 
-    frame:  u32 length (of what follows) | u8 type | payload
+    frame:  u32 length (of what follows) | u8 type | payload [| tag]
 
 Handshake (HMAC-SHA256 with the cluster secret; nonces are 32 random
 bytes; names are UTF-8):
 
-    server -> HELLO      server nonce | server name
+    server -> HELLO      server nonce | u8 protocol version | server name
     client -> AUTH       HMAC(secret, "c" | server nonce | client name) | client nonce | client name
     server -> AUTH_OK    HMAC(secret, "s" | client nonce | server name)
 
@@ -14,6 +15,14 @@ Both sides prove they hold the secret, and each proof is bound to the
 other side's fresh nonce, so a recorded exchange cannot be replayed. Until
 AUTH_OK, any frame that is not the next step of the handshake, or larger
 than MAX_HANDSHAKE, closes the connection.
+
+After AUTH_OK every frame ends with a 16-byte tag: HMAC-SHA256, truncated,
+under the session key of its direction, over the frame's sequence number
+in that direction, its type and its payload. The session keys come from
+the secret and both nonces, so they are fresh per connection; a frame
+injected, altered, dropped, replayed, reordered or reflected by someone on
+the path fails its tag and closes the connection. (Without [tls] the
+frames are readable on the path: the tag gives integrity, not secrecy.)
 """
 from __future__ import annotations
 
@@ -25,12 +34,15 @@ import os
 import struct
 from typing import Any, Tuple
 
-__all__ = ["ProtocolError", "read_frame", "frame", "client_handshake", "server_handshake", "T", "MAX_FRAME"]
+__all__ = ["ProtocolError", "Link", "read_frame", "frame", "client_handshake", "server_handshake", "T", "MAX_FRAME",
+           "VERSION"]
 
 MAX_FRAME = 16 << 20  # a records buffer (1 MiB) and a map name fit many times over
 MAX_HANDSHAKE = 4096
 _HDR = struct.Struct("<IB")
 NONCE = 32
+TAG = 16
+VERSION = 2  # 2: frames carry a tag after the handshake
 
 
 class T:
@@ -46,19 +58,15 @@ def frame(kind: int, payload: bytes = b"") -> bytes:
     return _HDR.pack(len(payload) + 1, kind) + payload
 
 
-def jframe(kind: int, obj: Any) -> bytes:
-    return frame(kind, json.dumps(obj, separators=(",", ":")).encode())
-
-
 _RMETA = struct.Struct("<dQ")
 
 
-def records_frame(map_name: str, records: bytes, sent: float, cursor: int) -> bytes:
+def records_payload(map_name: str, records: bytes, sent: float, cursor: int) -> bytes:
     """RECORDS: u16 name length | name | f64 the owner's clock when it sent
     them (for lag figures) | u64 the owner's change-feed position once these
     are applied (where a reconnecting mirror resumes) | records."""
     n = map_name.encode()
-    return frame(T.RECORDS, struct.pack("<H", len(n)) + n + _RMETA.pack(sent, cursor) + records)
+    return struct.pack("<H", len(n)) + n + _RMETA.pack(sent, cursor) + records
 
 
 def split_records(payload: bytes) -> Tuple[str, float, int, bytes]:
@@ -86,11 +94,75 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, b"".join(parts), hashlib.sha256).digest()
 
 
+_SEQ = struct.Struct("<QB")
+
+
+class Link:
+    """An authenticated connection, after the handshake: frames out with a
+    tag, frames in checked against theirs (see the module's docstring).
+    ``send`` is synchronous, so the frames of concurrent tasks take
+    sequence numbers in the order their bytes enter the transport."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send_key: bytes,
+                 recv_key: bytes) -> None:
+        self.reader, self.writer = reader, writer
+        self._out = hmac.new(send_key, digestmod=hashlib.sha256)
+        self._in = hmac.new(recv_key, digestmod=hashlib.sha256)
+        self._sent = self._received = 0
+
+    def _tag(self, base: "hmac.HMAC", seq: int, kind: int, payload: bytes) -> bytes:
+        h = base.copy()
+        h.update(_SEQ.pack(seq, kind))
+        h.update(payload)
+        return h.digest()[:TAG]
+
+    def send(self, kind: int, payload: bytes = b"") -> int:
+        """Queue a frame; its size on the wire."""
+        tag = self._tag(self._out, self._sent, kind, payload)
+        self._sent += 1
+        data = b"".join((_HDR.pack(len(payload) + 1 + TAG, kind), payload, tag))
+        self.writer.write(data)
+        return len(data)
+
+    def send_json(self, kind: int, obj: Any) -> int:
+        return self.send(kind, json.dumps(obj, separators=(",", ":")).encode())
+
+    async def recv(self, limit: int = MAX_FRAME) -> Tuple[int, bytes]:
+        """The next frame, its tag checked; ProtocolError if it is out of
+        bounds or its tag is wrong."""
+        kind, body = await read_frame(self.reader, limit + TAG)
+        if len(body) < TAG:
+            raise ProtocolError(f"frame of type {kind} is too short to carry a tag")
+        payload, tag = body[:-TAG], body[-TAG:]
+        if not hmac.compare_digest(tag, self._tag(self._in, self._received, kind, payload)):
+            raise ProtocolError(f"frame {self._received} (type {kind}) failed its integrity check: altered, "
+                                "injected or out of order")
+        self._received += 1
+        return kind, payload
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def buffered(self) -> int:
+        """Bytes queued in the transport, not yet sent."""
+        return self.writer.transport.get_write_buffer_size()
+
+
+def _session_keys(secret: bytes, server_nonce: bytes, client_nonce: bytes, server: bytes,
+                  client: bytes) -> Tuple[bytes, bytes]:
+    """(client to server, server to client) keys of one connection."""
+    k = _mac(secret, b"k", server_nonce, client_nonce, server, b"\0", client)
+    return _mac(k, b"c2s"), _mac(k, b"s2c")
+
+
 async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes,
-                           name: str, timeout: float) -> str:
-    """Authenticate a connecting peer; its name."""
+                           name: str, timeout: float) -> Tuple[str, Link]:
+    """Authenticate a connecting peer; its name and the link to it."""
     nonce = os.urandom(NONCE)
-    writer.write(frame(T.HELLO, nonce + name.encode()))
+    writer.write(frame(T.HELLO, nonce + bytes([VERSION]) + name.encode()))
     await writer.drain()
     kind, payload = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE), timeout)
     if kind != T.AUTH or len(payload) < 32 + NONCE + 1:
@@ -100,20 +172,26 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
         raise ProtocolError(f"peer {peer.decode('utf-8', 'replace')!r} failed authentication (wrong secret?)")
     writer.write(frame(T.AUTH_OK, _mac(secret, b"s", their_nonce, name.encode())))
     await writer.drain()
-    return peer.decode()
+    c2s, s2c = _session_keys(secret, nonce, their_nonce, name.encode(), peer)
+    return peer.decode(), Link(reader, writer, s2c, c2s)
 
 
 async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes,
-                           name: str, timeout: float) -> str:
-    """Authenticate to the server and check it is authentic; its name."""
+                           name: str, timeout: float) -> Tuple[str, Link]:
+    """Authenticate to the server and check it is authentic; its name and
+    the link to it."""
     kind, payload = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE), timeout)
-    if kind != T.HELLO or len(payload) < NONCE + 1:
+    if kind != T.HELLO or len(payload) < NONCE + 2:
         raise ProtocolError(f"expected HELLO, got frame type {kind} of {len(payload)} bytes")
-    nonce, server = payload[:NONCE], payload[NONCE:]
+    nonce, version, server = payload[:NONCE], payload[NONCE], payload[NONCE + 1:]
+    if version != VERSION:
+        raise ProtocolError(f"the server speaks bridge protocol {version}, we speak {VERSION}: run the same "
+                            "shmgrid release on every host")
     mine = os.urandom(NONCE)
     writer.write(frame(T.AUTH, _mac(secret, b"c", nonce, name.encode()) + mine + name.encode()))
     await writer.drain()
     kind, payload = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE), timeout)
     if kind != T.AUTH_OK or not hmac.compare_digest(payload, _mac(secret, b"s", mine, server)):
         raise ProtocolError("the server failed authentication (wrong secret?)")
-    return server.decode()
+    c2s, s2c = _session_keys(secret, nonce, mine, server, name.encode())
+    return server.decode(), Link(reader, writer, c2s, s2c)
