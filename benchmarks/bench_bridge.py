@@ -52,7 +52,7 @@ records per frame; the owner's ChangeStream.next calls (how many came back
 empty, their CPU) and the gap between one call's return and the next call
 (the executor hop, framing and the socket write); for the lag keys, the age
 of a frame's oldest record when a's next() returned it and when b applied
-it; resyncs, and b's time in snapshot bookkeeping (_keys_of, _prune); the
+it; resyncs, and b's time in snapshot bookkeeping (SeenKeys.add, prune); the
 part of a remote write b's bridge spent after its mirror had the record;
 the collector's pauses in the bridges; and the CPU other processes used
 meanwhile. The counters come from a thin wrapper that runs the bridge's own
@@ -332,8 +332,8 @@ def timed(name, fn):
         finally:
             M[0].c[name] += pc() - t0
     return wrapper
-daemon._keys_of = timed("bench_keys_of_seconds", daemon._keys_of)  # mirror: keys of each snapshot chunk
-daemon.Bridge._prune = timed("bench_prune_seconds", daemon.Bridge._prune)  # mirror: after each snapshot
+mirror.SeenKeys.add = timed("bench_keys_of_seconds", mirror.SeenKeys.add)  # mirror: keys of each snapshot chunk
+mirror.prune = timed("bench_prune_seconds", mirror.prune)  # mirror: after each snapshot (a pool thread)
 
 _rw = daemon.Bridge._remote_write
 async def remote_write(self, req):
@@ -1427,8 +1427,9 @@ def print_internals(res: Dict[str, Any], f: Dict[str, Dict[str, Dict[str, Any]]]
         if snaps and "counters.b_bench_prune_seconds" in t:
             print(f"{m}: {snaps:.0f} snapshot(s) sent by a; b spent "
                   f"{t.get('counters.b_bench_keys_of_seconds', 0):.2f} s "
-                  f"listing snapshot keys (_keys_of) and {t.get('counters.b_bench_prune_seconds', 0):.2f} s in _prune, "
-                  f"of {t.get('cpu.b_main', 0):.2f} s of loop CPU")
+                  f"hashing snapshot keys (SeenKeys.add, on the loop) and "
+                  f"{t.get('counters.b_bench_prune_seconds', 0):.2f} s in prune (in a pool thread); "
+                  f"{t.get('cpu.b_main', 0):.2f} s of loop CPU")
     t = s.get("rtt", {})
     if t.get("counters.b_bench_rw_count"):
         n = t["counters.b_bench_rw_count"]

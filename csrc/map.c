@@ -1314,6 +1314,67 @@ int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
     return rc < 0 ? rc : n;
 }
 
+int64_t sg_records_hashes(const char *buf, size_t len, uint64_t *out, size_t cap)
+{
+    size_t off = 0, n = 0;
+    while (off < len) {
+        sg_record_hdr h;
+        if (len - off < SG_RECORD_HDR || n == cap)
+            return sg__fail(SG_EINVAL, "records: truncated, or more than %zu of them", cap);
+        memcpy(&h, buf + off, sizeof h);
+        if (len - off - SG_RECORD_HDR < (size_t)h.klen + h.vlen)
+            return sg__fail(SG_EINVAL, "record %zu: truncated body", n);
+        out[n++] = sg_hash64(buf + off + SG_RECORD_HDR, h.klen);
+        off += SG_RECORD_HDR + h.klen + h.vlen;
+    }
+    return (int64_t)n;
+}
+
+static int sg__cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+int64_t sg_map_prune(sg_map *m, uint32_t nparts, const uint8_t *mask, uint64_t floor, uint64_t *seen, size_t n)
+{
+    if (!m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    qsort(seen, n, sizeof *seen, sg__cmp_u64);
+    char *key = malloc((size_t)m->max_key + m->max_value + 2);
+    if (!key)
+        return sg__fail(SG_ENOMEM, "prune: out of memory for a key buffer");
+    char *val = key + m->max_key + 1;
+    sg_iter *it;
+    int rc = sg_iter_open(m, &it);
+    if (rc) {
+        free(key);
+        return rc;
+    }
+    int64_t pruned = 0;
+    for (;;) {
+        size_t klen, vlen;
+        uint64_t version;
+        int present;
+        rc = sg__iter_step(it, key, m->max_key, &klen, val, m->max_value, &vlen, &version, 0, &present, nparts,
+                           mask);
+        if (rc)
+            break;
+        uint64_t h = sg_hash64(key, klen);
+        if (version >= floor || bsearch(&h, seen, n, sizeof *seen, sg__cmp_u64))
+            continue;
+        /* just above what we hold: the owner's own versions of the key are
+         * above its floor, so anything it sends later still wins */
+        rc = sg_map_apply(m, key, klen, NULL, 0, version + 1, 1);
+        if (rc < 0)
+            break;
+        pruned += rc == SG_OK;
+    }
+    sg_iter_free(it);
+    free(key);
+    return rc < 0 ? rc : pruned;
+}
+
 int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,
                              uint64_t *applied)
 {

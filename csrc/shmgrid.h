@@ -413,6 +413,15 @@ int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_
  * while nothing else writes those partitions (on a mirror, only its bridge
  * does). The number of keys reset, or a negative error. */
 int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask);
+/* The hash of each key of a buffer of records, into out (cap entries):
+ * their number, or SG_EINVAL for a malformed buffer. */
+int64_t sg_records_hashes(const char *buf, size_t len, uint64_t *out, size_t cap);
+/* After a snapshot: delete (a tombstone just above the version held) each
+ * present key of the mask's partitions whose hash is not among seen (the
+ * keys the snapshot carried; sorted in place) and whose version is below
+ * the owner's version floor: the owner dropped its tombstone. The number
+ * of keys deleted, or a negative error. */
+int64_t sg_map_prune(sg_map *m, uint32_t nparts, const uint8_t *mask, uint64_t floor, uint64_t *seen, size_t n);
 /* Mark the map mirrored (partitions > 0): writes to keys of partitions
  * whose bit is clear in local_mask are refused with SG_EREMOTE, except
  * sg_map_apply. partitions 0: not mirrored any more. */

@@ -18,7 +18,7 @@ from ._wait import SLICE_NS, start
 from .errors import raise_for
 
 __all__ = ["partition_of", "PartitionMask", "snapshot", "ChangeStream", "apply_records", "reset_partitions",
-           "BUFFER_BYTES"]
+           "SeenKeys", "prune", "BUFFER_BYTES"]
 
 BUFFER_BYTES = 1 << 20  # records per buffer: up to 1 MiB (at least one record of the largest size)
 _EAGAIN = lib.SG_EAGAIN
@@ -170,6 +170,39 @@ def reset_partitions(m: Any, mask: PartitionMask) -> int:
     grid whose versions are unrelated to the ones it holds; run it while
     nothing else writes those partitions."""
     n = lib.sg_map_reset_partitions(m._h, mask.partitions, mask.c)
+    if n < 0:
+        raise_for(n)
+    return n  # type: ignore[no-any-return]
+
+
+class SeenKeys:
+    """The hashes of the keys a snapshot carried, gathered in C a buffer at
+    a time, for :func:`prune`."""
+
+    def __init__(self) -> None:
+        self.buf = ffi.new("uint64_t[]", 4096)
+        self.n = 0
+
+    def add(self, records: bytes) -> None:
+        room = len(records) // lib.SG_RECORD_HDR  # records are at least a header each
+        if self.n + room > len(self.buf):
+            new = ffi.new("uint64_t[]", max(2 * len(self.buf), self.n + room))
+            ffi.memmove(new, self.buf, self.n * 8)
+            self.buf = new
+        k = lib.sg_records_hashes(records, len(records), self.buf + self.n, len(self.buf) - self.n)
+        if k < 0:
+            raise_for(k)
+        self.n += k
+
+
+def prune(m: Any, mask: PartitionMask, seen: SeenKeys, floor: int) -> int:
+    """After a snapshot of ``mask``'s partitions: delete the keys ``m``
+    holds there that the snapshot did not carry and whose version is below
+    the owner's version floor (the owner forgot their deletion: a migration
+    dropped the tombstone). Each gets a tombstone just above the version
+    held, so anything the owner sends later still wins. The number deleted.
+    (A key whose 64-bit hash equals a carried key's is kept.)"""
+    n = lib.sg_map_prune(m._h, mask.partitions, mask.c, floor, seen.buf, seen.n)
     if n < 0:
         raise_for(n)
     return n  # type: ignore[no-any-return]

@@ -125,6 +125,36 @@ def test_reset_forgets_the_partitions_tombstones_included(two_grids):
     assert B.get_versioned(next(iter(in_gone)))[1] == 2
 
 
+def test_prune_deletes_what_a_snapshot_no_longer_carries(two_grids):
+    """The owner deleted keys and a migration dropped their tombstones: the
+    snapshot does not carry them, and prune deletes them on the mirror,
+    just above the version held; keys it carried, and keys newer than the
+    owner's floor, stay."""
+    a, b = two_grids
+    A, B = a.map("m"), b.map("m")
+    keys = [b"p%d" % i for i in range(500)]
+    for k in keys:
+        A[k] = b"v"
+    everything = mirror.PartitionMask(1, [0])
+    mirror.apply_records(B, b"".join(mirror.snapshot(A, everything)))
+    for k in keys[:100]:
+        del A[k]
+    A.compact()  # drops the tombstones, raising the version floor
+    floor = shmgrid._core.lib.sg_map_version_floor(A._h)
+    assert floor >= 2
+    B[b"newer"] = b"x"  # not in the snapshot, but no older than the floor: kept
+    B.put(b"newer", b"y")
+    seen = mirror.SeenKeys()
+    for buf in mirror.snapshot(A, everything):
+        mirror.apply_records(B, buf)
+        seen.add(buf)
+    assert seen.n == 400
+    assert mirror.prune(B, everything, seen, floor) == 100
+    assert set(B.keys()) == set(keys[100:]) | {b"newer"}
+    assert all(B.get_versioned(k) is None for k in keys[:100])
+    assert mirror.prune(B, everything, seen, floor) == 0
+
+
 def test_lost_changes_are_reported(two_grids):
     a, _ = two_grids
     A = a.map("m", capacity=128)

@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import mirror
 from .._core import ffi, lib
@@ -46,7 +46,6 @@ MAX_UNAUTHENTICATED = 64  # connections in the handshake at once
 STATE_MAP = "_shmgrid.bridge"  # per partition: the owner's grid whose data this host holds
 DEDUP_SECONDS = 120.0  # an owner remembers the result of a remote write this long, for retries
 DEDUP_MAX = 1 << 20
-_REC = struct.Struct("<HBBIQ")
 
 
 class Metrics:
@@ -76,16 +75,6 @@ class Metrics:
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _keys_of(records: bytes) -> List[bytes]:
-    """The keys of a buffer of records (resync path only)."""
-    out, off = [], 0
-    while off < len(records):
-        klen, _, _, vlen, _ = _REC.unpack_from(records, off)
-        out.append(records[off + 16:off + 16 + klen])
-        off += 16 + klen + vlen
-    return out
 
 
 class _Throttle:
@@ -425,7 +414,7 @@ class Bridge:
             backoff = min(backoff * 2, 2.0)
 
     async def _follow(self, owner: str, link: Link, masks: Dict[str, mirror.PartitionMask]) -> None:
-        snap: Dict[str, Set[bytes]] = {}  # maps in a snapshot: the keys it has carried so far
+        snap: Dict[str, mirror.SeenKeys] = {}  # maps in a snapshot: the keys it has carried so far
         while True:
             kind, payload = await asyncio.wait_for(link.recv(), self.cfg.timeout * 2)
             self._heard[owner] = time.time()
@@ -450,7 +439,7 @@ class Bridge:
                 self.metrics.add("replication_lag_seconds_sum", lag, peer=owner, map=name)
                 self.metrics.add("replication_lag_seconds_count", 1, peer=owner, map=name)
                 if name in snap:
-                    snap[name].update(_keys_of(recs))
+                    snap[name].add(recs)
             elif kind == T.SNAP_BEGIN:
                 begin = json.loads(payload)
                 name = begin["map"]
@@ -458,13 +447,13 @@ class Bridge:
                     raise ProtocolError(f"a snapshot of map {name!r}, which {owner} does not ship to us")
                 self._resume.get(owner, {}).pop(name, None)  # a broken snapshot cannot be resumed
                 await self._adopt(owner, name, masks[name], str(begin["feed"]))
-                snap[name] = set()
+                snap[name] = mirror.SeenKeys()
             elif kind == T.SNAP_END:
                 end = json.loads(payload)
                 name = end["map"]
                 if name not in snap:
                     raise ProtocolError(f"the end of a snapshot of map {name!r} that did not begin")
-                self._prune(name, masks[name], snap.pop(name), int(end["floor"]))
+                await self._prune(name, masks[name], snap.pop(name), int(end["floor"]))
                 self._resume.setdefault(owner, {})[name] = {"feed": end["feed"], "cursor": int(end["cursor"])}
             elif kind == T.WRITE_RESULT:
                 res = json.loads(payload)
@@ -500,22 +489,14 @@ class Bridge:
             log.warning("map %s: %s serves %d partitions from grid %s, which we did not follow before: "
                         "forgot the %d keys we held of them", name, owner, len(stale), feed, gone)
 
-    def _prune(self, name: str, mask: mirror.PartitionMask, seen: Set[bytes], floor: int) -> None:
+    async def _prune(self, name: str, mask: mirror.PartitionMask, seen: mirror.SeenKeys, floor: int) -> None:
         """After a snapshot: keys we hold in its partitions that it did not
-        carry had their tombstones dropped by a migration on the owner;
-        their deletion is newer than anything we hold, and at most the
-        owner's version floor."""
-        m = self.maps[name]
-        stale = [k for k in m.keys() if mirror.partition_of(k, mask.partitions) in mask and k not in seen]
-        for k in stale:
-            cur = m.get_versioned(k)
-            if cur is not None and cur[1] < floor:
-                # just above what we hold: the owner's own versions for the
-                # key are above its floor, so anything it sends later (a
-                # key the weakly consistent walk missed) still wins
-                lib.sg_map_apply(m._h, k, len(k), b"", 0, cur[1] + 1, 1)
-        if stale:
-            log.info("map %s: %d keys deleted on the owner while we were away", name, len(stale))
+        carry had their tombstones dropped by a migration on the owner
+        (mirror.prune; in C, off the event loop)."""
+        gone = await asyncio.get_running_loop().run_in_executor(
+            self._pool, mirror.prune, self.maps[name], mask, seen, floor)
+        if gone:
+            log.info("map %s: %d keys deleted on the owner while we were away", name, gone)
 
     # ---- remote writes ----------------------------------------------------------------
 
