@@ -855,11 +855,15 @@ static int sg__remote(sg_map *m, uint64_t hash)
     if (!off)
         return 0;
     sg_block *b = sg__block(m->g, off);
+    /* Damaged: send every write through the bridge, which knows the owners
+     * from its configuration and applies locally owned keys here. Failing
+     * open would let a local write land in a partition owned elsewhere,
+     * where the owner's next version silently overwrites it. */
     if (!b)
-        return 0; /* damaged: behave as unmirrored rather than refuse every write */
+        return 1;
     const sg_mirror_desc *d = (const sg_mirror_desc *)b->payload;
     if (!d->partitions || sizeof *d + (d->partitions - 1) / 8 >= SG_META_LEN(b->meta))
-        return 0;
+        return 1;
     return !sg__in_mask(hash, d->partitions, d->local);
 }
 
@@ -1146,6 +1150,18 @@ int sg_map_set_mirror(sg_map *m, uint32_t partitions, const uint8_t *local_mask)
     if (partitions) {
         sg_mirror_desc *d;
         size_t bytes = (partitions + 7) / 8;
+        /* A bridge restarted with the same configuration keeps the
+         * descriptor. A changed one gets a new block and the old one is
+         * left allocated: a writer in another process may still be reading
+         * it, and configurations change rarely. */
+        uint64_t cur = sg_load_acquire(&m->hdr->mirror); /* SYNC POINT: mirror-desc (acquire) */
+        sg_block *b = cur ? sg__block(m->g, cur) : NULL;
+        if (b) {
+            const sg_mirror_desc *old = (const sg_mirror_desc *)b->payload;
+            if (old->partitions == partitions && sizeof *old + bytes <= SG_META_LEN(b->meta) &&
+                !memcmp(old->local, local_mask, bytes))
+                return SG_OK;
+        }
         int rc = sg__object_alloc(m->g, sizeof *d + bytes, (void **)&d, &off);
         if (rc)
             return rc;

@@ -205,3 +205,22 @@ def test_garbage_never_crashes(garbage):
             m.validate()
     finally:
         unlink_quietly(name)
+
+
+def test_the_mirror_descriptor_is_kept_across_bridge_restarts(grid):
+    """A bridge restarted with the same configuration sets the same
+    partitions again: no new block each time (it used to leak one)."""
+    from shmgrid._core import lib
+
+    m = grid.map("m")
+    mask = mirror.PartitionMask(64, range(0, 64, 2))
+    assert lib.sg_map_set_mirror(m._h, 64, mask.c) == 0
+    brk = grid.info()["heap_brk"]
+    for _ in range(100):
+        assert lib.sg_map_set_mirror(m._h, 64, mask.c) == 0
+    assert grid.info()["heap_brk"] == brk
+    other = mirror.PartitionMask(64, range(1, 64, 2))
+    assert lib.sg_map_set_mirror(m._h, 64, other.c) == 0  # a new configuration takes effect
+    k = next(k for k in (b"k%d" % i for i in range(100)) if mirror.partition_of(k, 64) % 2 == 0)
+    with pytest.raises(shmgrid.RemoteUnavailable):  # now owned elsewhere, and no bridge runs
+        m.put(k, b"x")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import json
 import logging
 import os
@@ -118,7 +119,11 @@ class Bridge:
         self.maps: Dict[str, Any] = {}
         self.grid: Optional[Grid] = None
         self._stop = asyncio.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="bridge-feed")
+        # a shipping stream parks a thread in its feed wait (up to 0.2 s):
+        # one per (mirror, map) at most, plus room for snapshots and prunes
+        streams = len(cfg.peers) * len(cfg.maps)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16 + 2 * streams,
+                                                           thread_name_prefix="bridge-feed")
         self._owner_links: Dict[str, Link] = {}  # owners we follow, while connected
         self._sessions: Dict[str, Link] = {}  # mirrors we serve: the latest session of each
         self._throttle = _Throttle()
@@ -185,6 +190,10 @@ class Bridge:
                  if any(self._masks[p][n].members for n in cfg.maps)]
         if cfg.metrics:
             mserver = await asyncio.start_server(self._serve_metrics, *cfg.metrics)
+            if not ipaddress.ip_address(socket.gethostbyname(cfg.metrics[0])).is_loopback:
+                log.warning("metrics on %s:%d: /metrics and /status answer anyone who can reach them "
+                            "(no authentication); bind them to 127.0.0.1 unless a firewall guards them",
+                            *cfg.metrics)
         else:
             mserver = None
         try:
