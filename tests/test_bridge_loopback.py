@@ -815,3 +815,26 @@ def test_a_recreated_owner_grid_is_followed_not_ignored(cluster):
         state = wait_converged(ga, gb)
         assert all(state[k] == (b"newer", 2) for k in mine[:10])
         assert _counter(cluster, "b", "partition_resets_total") == 0, resets
+
+
+@pytest.mark.timeout(60)
+def test_an_owner_that_stops_answering_leaves_the_outcome_unknown(cluster):
+    """The request reached a's socket, but a is frozen past the timeout:
+    the caller is told the write may or may not have been applied, and
+    indeed a applies it once it runs again."""
+    cluster.start("a")
+    cluster.start("b")
+    with shmgrid.Grid.attach(cluster.grids["a"]) as ga, shmgrid.Grid.attach(cluster.grids["b"]) as gb:
+        ka = next(k for k in (b"u%d" % i for i in range(100)) if owned("a", k))
+        gb.map("users").put(ka, b"before")  # the link is up
+        cluster.procs["a"].send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(shmgrid.RemoteUnavailable, match="may or may not have been applied"):
+                gb.map("users").put(ka, b"during")
+        finally:
+            cluster.procs["a"].send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while ga.map("users").get(ka) != b"during":
+            assert time.monotonic() < deadline, ga.map("users").get(ka)
+            time.sleep(0.05)
+        wait_converged(ga, gb)
