@@ -855,10 +855,11 @@ static int sg__remote(sg_map *m, uint64_t hash)
     if (!off)
         return 0;
     sg_block *b = sg__block(m->g, off);
-    /* Damaged: send every write through the bridge, which knows the owners
-     * from its configuration and applies locally owned keys here. Failing
-     * open would let a local write land in a partition owned elsewhere,
-     * where the owner's next version silently overwrites it. */
+    /* Damaged: refuse every write here, so that callers go through the
+     * bridge, which knows the owners from its configuration (and, for a
+     * key owned here, sets the descriptor again before applying it).
+     * Failing open would let a local write land in a partition owned
+     * elsewhere, where the owner's next version silently overwrites it. */
     if (!b)
         return 1;
     const sg_mirror_desc *d = (const sg_mirror_desc *)b->payload;
@@ -1613,7 +1614,8 @@ static int sg__validate_table(sg_map *m, const sg__tab *t, sg_map_report *out)
         }
         if (c.ref) {
             out->block_bytes += sg__class_size(SG_META_CLASS(sg__block(g, SG_REF_OFF(c.ref))->meta));
-            if (c.version == 0)
+            /* version 0 only for a tombstone a mirror's reset wrote */
+            if (c.version == 0 && c.present)
                 return sg__fail(SG_ECORRUPT, "slot %llu: a written value with version 0", (unsigned long long)i);
         }
         if (c.present)

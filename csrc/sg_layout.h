@@ -317,8 +317,10 @@ typedef struct sg_map_hdr {
 } sg_map_hdr;
 
 /* Which partitions of a mirrored map this host owns. Written once before
- * it is published in sg_map_hdr.mirror; a new bridge run publishes a new
- * one (the old one, a few hundred bytes, is left behind). */
+ * it is published in sg_map_hdr.mirror. A bridge run with the same
+ * configuration keeps it; a changed configuration publishes a new one (the
+ * old one, a few hundred bytes, is left behind: writers in other
+ * processes may still be reading it). */
 typedef struct sg_mirror_desc {
     uint32_t partitions;  /* a key's partition: its 64-bit hash modulo this */
     uint32_t _pad;

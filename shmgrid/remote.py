@@ -96,7 +96,8 @@ def call(grid: str, request: Dict[str, Any]) -> Dict[str, Any]:
     most once, so a retry returns the first attempt's result."""
     with _conns_lock:
         c = _conns.setdefault(grid, _Conn())
-    body = json.dumps({**request, "rid": os.urandom(16).hex()}).encode()
+    request = {**request, "rid": os.urandom(16).hex()}
+    body = json.dumps(request).encode()
     frame = _HDR.pack(len(body)) + body
     sent = False  # the whole request went out at least once: it may have been applied
     give_up = 0.0
@@ -126,6 +127,12 @@ def call(grid: str, request: Dict[str, Any]) -> Dict[str, Any]:
             if not isinstance(e, (OSError, ValueError)):
                 raise
             err = e
+        if sent and "retried" not in request:
+            # a bridge that never saw the first attempt (it restarted) must
+            # not answer "nothing was applied": that attempt may have been
+            request["retried"] = True
+            body = json.dumps(request).encode()
+            frame = _HDR.pack(len(body)) + body
         now = time.monotonic()
         give_up = give_up or now + RETRY_SECONDS
         if now >= give_up:

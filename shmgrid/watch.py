@@ -13,6 +13,12 @@ many changes it missed, then carries on: it never blocks writers. Lost
 counts include changes to keys outside the watch's prefix, which cannot be
 told apart once missed.
 
+On a mirror host (see the bridge), a partition whose owner's grid was
+created again is forgotten before it is followed anew: each of its keys
+shows as a delete with version 0, and the new grid's versions that follow
+may be lower than the ones seen before, so "the version tells the order"
+holds between two version-0 deletes, not across one.
+
 A Watch belongs to the process that opened it and is used by one thread at
 a time (a second thread gets Busy; ``close()`` from another thread ends a
 blocked ``get`` with Closed within 0.1 s).

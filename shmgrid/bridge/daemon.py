@@ -35,18 +35,18 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import mirror
 from .._core import ffi, lib
 from ..errors import InvalidArgument, RemoteUnavailable, ShmgridError
-from ..remote import b64, socket_address, unb64
+from ..remote import RETRY_SECONDS, b64, socket_address, unb64
 from ..grid import SHM_DIR, Grid
 from .config import Config
-from .protocol import T, Link, ProtocolError, client_handshake, records_payload, server_handshake, split_records
+from .protocol import (MAX_FRAME, T, Link, ProtocolError, client_handshake, records_payload, server_handshake,
+                       split_records)
 
 __all__ = ["Bridge", "run"]
 
 log = logging.getLogger("shmgrid.bridge")
 MAX_UNAUTHENTICATED = 64  # connections in the handshake at once
 STATE_MAP = "_shmgrid.bridge"  # per partition: the owner's grid whose data this host holds
-DEDUP_SECONDS = 120.0  # an owner remembers the result of a remote write this long, for retries
-DEDUP_MAX = 1 << 20
+DEDUP_BYTES = 64 << 20  # the most an owner keeps of remote-write results, for retries
 
 
 class Metrics:
@@ -138,7 +138,12 @@ class Bridge:
         self._pending: Dict[str, Any] = {}
         # owner side: the results of recent remote writes by request id, so
         # that a request sent again (after a reconnect) is not applied twice
-        self._done: "OrderedDict[str, Tuple[float, Dict[str, Any]]]" = OrderedDict()
+        self._done: "OrderedDict[str, Tuple[float, Dict[str, Any], int]]" = OrderedDict()
+        self._done_bytes = 0
+        # how long a request id can come back: the caller's wait on the
+        # first attempt, its client's resends (shmgrid.remote) each waited
+        # for as long again, and a margin for reconnects
+        self._dedup_seconds = max(120.0, 3 * cfg.timeout + RETRY_SECONDS + 60.0)
         # where we are in each owner's change feed, per map: {"feed": its
         # identity, "cursor": position}; a reconnect resumes there
         self._resume: Dict[str, Dict[str, Dict[str, Any]]] = {}
@@ -174,6 +179,9 @@ class Bridge:
         for n, mc in cfg.maps.items():
             self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
         self._state = self.grid.map(STATE_MAP, capacity=1024, max_key=256, max_value=256)
+        for n in cfg.maps:  # partitions owned here hold this grid's own data (see _adopt)
+            for p in self._masks[cfg.name][n].members:
+                self._state.put(n.encode() + b"/%d" % p, self._feed_id.encode())
         for n, mc in cfg.maps.items():  # writes to other hosts' partitions now come through us
             rc = lib.sg_map_set_mirror(self.maps[n]._h, mc.partitions, self._masks[cfg.name][n].c)
             if rc:
@@ -277,10 +285,12 @@ class Bridge:
                 if kind != T.WRITE:
                     raise ProtocolError(f"unexpected frame type {kind} from mirror {peer}")
                 req = json.loads(payload)
-                result = {**self._apply_owned(peer, req), "id": str(req["id"])}
+                if not isinstance(req, dict) or not isinstance(req.get("id"), str):
+                    raise ProtocolError(f"a WRITE from mirror {peer} without a request id")
+                result = {**self._apply_owned(peer, req), "id": req["id"]}
                 link.send_json(T.WRITE_RESULT, result)
                 await link.drain()
-        except (ProtocolError, ValueError, KeyError, TypeError) as e:
+        except (ProtocolError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.metrics.add("rejected_connections_total")
             self._throttle.warning("rejected-connection", "connection from %s (%s) rejected: %s", addr,
                                    peer or "unauthenticated", e)
@@ -377,14 +387,16 @@ class Bridge:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=self._tls(False)),
                                                         cfg.timeout)
-                _, link = await client_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout)
+                _, link = await client_handshake(reader, writer, cfg.secret, cfg.name, cfg.timeout, expect=owner)
                 where = self._resume.setdefault(owner, {})
                 sub = {n: {"partitions": mk.partitions, "owned": sorted(mk.members), "resume": where.get(n),
                            "max_key": cfg.maps[n].max_key, "max_value": cfg.maps[n].max_value}
                        for n, mk in masks.items()}
                 link.send_json(T.SUBSCRIBE, {"maps": sub})
-                # remote writes that went unanswered on a broken connection:
-                # again, with their ids, which the owner answers only once
+                # from here on new remote writes go out on this link; the
+                # ones unanswered on a broken link go again, with their ids,
+                # which the owner answers only once (no await in between)
+                self._owner_links[owner] = link
                 for rid, pw in self._pending.items():
                     if pw.owner == owner:
                         link.send_json(T.WRITE, {**pw.req, "id": rid})
@@ -394,7 +406,6 @@ class Bridge:
                 await link.drain()
                 self.metrics.peers[owner] = {"connected": True, "since": time.time()}
                 log.info("following %s at %s:%d for %s", owner, host, port, ", ".join(masks))
-                self._owner_links[owner] = link
                 beat = asyncio.ensure_future(self._heartbeat(link))  # so the owner can tell we are alive
                 try:
                     await self._follow(owner, link, masks)
@@ -569,6 +580,7 @@ class Bridge:
         owner = mc.owners[mirror.partition_of(key, mc.partitions)]
         # the caller's request id, kept across its retries (shmgrid.remote)
         rid = req.pop("rid", None)
+        retried = bool(req.pop("retried", False))  # an earlier attempt may have reached the owner
         if not isinstance(rid, str) or not 16 <= len(rid) <= 64:
             rid = os.urandom(16).hex()
         if owner == cfg.name:
@@ -577,6 +589,13 @@ class Bridge:
         pw = self._pending.get(rid)
         if pw is None:  # (else: the caller's retry of a request still under way)
             pw = self._pending[rid] = _Pending(owner, req, asyncio.get_running_loop().create_future())
+            pw.sent = retried
+            # a frame the owner would refuse as oversized would cost the
+            # link on every resend
+            if len(_json(req)) > MAX_FRAME - 4096:
+                del self._pending[rid]
+                return {"error": "InvalidArgument", "message": "the request is too large for a bridge frame "
+                        f"({MAX_FRAME >> 20} MiB, base64 included)"}
             link = self._owner_links.get(owner)
             if link is not None:  # else it goes out when the link is up again
                 link.send_json(T.WRITE, {**req, "id": rid})
@@ -641,12 +660,21 @@ class Bridge:
     def _remember(self, rid: str, res: Dict[str, Any]) -> None:
         now = time.monotonic()
         done = self._done
-        done[rid] = (now, dict(res))
+        size = 200 + len(rid) + len(str(res.get("value") or ""))
+        done[rid] = (now, dict(res), size)
+        self._done_bytes += size
         while done:
-            first = next(iter(done.values()))
-            if len(done) <= DEDUP_MAX and now - first[0] <= DEDUP_SECONDS:
+            t, _, n = next(iter(done.values()))
+            young = now - t <= self._dedup_seconds
+            if young and self._done_bytes <= DEDUP_BYTES:
                 break
+            if young:
+                self.metrics.add("remote_write_ids_forgotten_early_total")
+                self._throttle.warning("dedup", "remote-write results past %d MiB: forgetting some younger "
+                                       "than %.0f s; a retry of those could apply twice", DEDUP_BYTES >> 20,
+                                       self._dedup_seconds)
             done.popitem(last=False)
+            self._done_bytes -= n
 
     def _apply_owned_checked(self, peer: str, req: Dict[str, Any]) -> Dict[str, Any]:
         if not isinstance(req, dict):
@@ -657,6 +685,13 @@ class Bridge:
         if mc is None or mc.owners[mirror.partition_of(key, mc.partitions)] != self.cfg.name:
             return {"error": "RemoteUnavailable", "message": f"{self.cfg.name} does not own that key of {name!r}"}
         m = self.maps[str(name)]
+        if lib.sg_map_is_remote(m._h, key, len(key)):
+            # our descriptor says elsewhere (damaged): set it again rather
+            # than let the Map call below go through the bridge, i.e. us
+            lib.sg_map_set_mirror(m._h, mc.partitions, self._masks[self.cfg.name][str(name)].c)
+            if lib.sg_map_is_remote(m._h, key, len(key)):
+                return {"error": "CorruptSegment", "message": f"map {name!r}: cannot repair its mirror descriptor"}
+            log.warning("map %s: its mirror descriptor was damaged; set it again", name)
         value, expected = unb64(req.get("value")), unb64(req.get("expected"))
         try:
             if op == "put":

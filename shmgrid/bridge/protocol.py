@@ -8,7 +8,7 @@ Handshake (HMAC-SHA256 with the cluster secret; nonces are 32 random
 bytes; names are UTF-8):
 
     server -> HELLO      server nonce | u8 protocol version | server name
-    client -> AUTH       HMAC(secret, "c" | server nonce | client name) | client nonce | client name
+    client -> AUTH       HMAC(secret, "c" | server nonce | client name) | client nonce | u8 version | client name
     server -> AUTH_OK    HMAC(secret, "s" | client nonce | server name)
 
 Both sides prove they hold the secret, and each proof is bound to the
@@ -32,7 +32,7 @@ import hmac
 import json
 import os
 import struct
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 __all__ = ["ProtocolError", "Link", "read_frame", "frame", "client_handshake", "server_handshake", "T", "MAX_FRAME",
            "VERSION"]
@@ -165,9 +165,13 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.write(frame(T.HELLO, nonce + bytes([VERSION]) + name.encode()))
     await writer.drain()
     kind, payload = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE), timeout)
-    if kind != T.AUTH or len(payload) < 32 + NONCE + 1:
+    if kind != T.AUTH or len(payload) < 32 + NONCE + 2:
         raise ProtocolError(f"expected AUTH, got frame type {kind} of {len(payload)} bytes")
-    proof, their_nonce, peer = payload[:32], payload[32:32 + NONCE], payload[32 + NONCE:]
+    proof, their_nonce, version, peer = payload[:32], payload[32:32 + NONCE], payload[32 + NONCE], \
+        payload[33 + NONCE:]
+    if version != VERSION:
+        raise ProtocolError(f"the peer speaks bridge protocol {version}, we speak {VERSION}: run the same "
+                            "shmgrid release on every host")
     if not hmac.compare_digest(proof, _mac(secret, b"c", nonce, peer)):
         raise ProtocolError(f"peer {peer.decode('utf-8', 'replace')!r} failed authentication (wrong secret?)")
     writer.write(frame(T.AUTH_OK, _mac(secret, b"s", their_nonce, name.encode())))
@@ -177,9 +181,9 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 
 async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes,
-                           name: str, timeout: float) -> Tuple[str, Link]:
-    """Authenticate to the server and check it is authentic; its name and
-    the link to it."""
+                           name: str, timeout: float, expect: Optional[str] = None) -> Tuple[str, Link]:
+    """Authenticate to the server and check it is authentic (and, given
+    ``expect``, that it is that host); its name and the link to it."""
     kind, payload = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE), timeout)
     if kind != T.HELLO or len(payload) < NONCE + 2:
         raise ProtocolError(f"expected HELLO, got frame type {kind} of {len(payload)} bytes")
@@ -187,8 +191,11 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     if version != VERSION:
         raise ProtocolError(f"the server speaks bridge protocol {version}, we speak {VERSION}: run the same "
                             "shmgrid release on every host")
+    if expect is not None and server != expect.encode():
+        raise ProtocolError(f"dialled {expect!r}, but the server there calls itself "
+                            f"{server.decode('utf-8', 'replace')!r}: check [hosts]")
     mine = os.urandom(NONCE)
-    writer.write(frame(T.AUTH, _mac(secret, b"c", nonce, name.encode()) + mine + name.encode()))
+    writer.write(frame(T.AUTH, _mac(secret, b"c", nonce, name.encode()) + mine + bytes([VERSION]) + name.encode()))
     await writer.drain()
     kind, payload = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE), timeout)
     if kind != T.AUTH_OK or not hmac.compare_digest(payload, _mac(secret, b"s", mine, server)):
