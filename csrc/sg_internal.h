@@ -35,6 +35,26 @@ struct sg_map {
     uint64_t feed_slots;
 };
 
+/* ---- map internals used by the batch calls (map.c, for batch.c) ---- */
+/* Enter / leave a map operation (reclamation epoch, see map.c). */
+int sg__enter(sg_map *m);
+void sg__exit(sg_map *m);
+/* The map's mirror descriptor, checked; NULL if the map is not mirrored. */
+const sg_mirror_desc *sg__mirror(sg_map *m);
+/* The slots of the map's oldest table in use (NULL if damaged), for
+ * prefetching only: the steps below find keys by the full protocol. */
+void sg__map_slots(sg_map *m, const sg_slot **slots, uint64_t *mask);
+/* Single-key steps, called inside sg__enter with the lengths and the key's
+ * partition checked and its hash given; same results as sg_map_get,
+ * sg_map_put, sg_map_delete (no copy of the old value), sg_map_incr. */
+int64_t sg__get_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
+                        uint64_t *version);
+int sg__put_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, const char *val, size_t vlen,
+                    uint64_t *version);
+int sg__delete_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, uint64_t *version);
+int sg__incr_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, int64_t delta, int64_t *result,
+                     uint64_t *version);
+
 /* ---- change feed (feed.c) ---- */
 int sg__feed_create(sg_grid *g, uint64_t slots, uint64_t *off);
 /* Attach m to the feed of its header (if any), checking the block. */
