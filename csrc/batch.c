@@ -240,6 +240,8 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
                     return st; /* damage: stop, with sg_errmsg() naming it */
                 }
             }
+            if (b->op == BOP_INCR && st != SG_OK)
+                b->results[i] = 0; /* not a result: the element failed, or is the bridge's to do */
             b->status[i] = (int32_t)st;
             if (b->versions)
                 b->versions[i] = version;
