@@ -98,8 +98,18 @@ static inline unsigned sg__class_for(uint64_t n)
     return c < SG_NCLASSES ? c : SG_NCLASSES;
 }
 
-/* A block at `off`, checked to lie wholly inside the heap. NULL if not. */
-sg_block *sg__block(const sg_grid *g, uint64_t off);
+/* A block at `off`, checked to lie wholly inside the heap. NULL if not.
+ * Inline: every map operation calls it two or three times. */
+static inline sg_block *sg__block(const sg_grid *g, uint64_t off)
+{
+    if ((off & 15) || off < SG_HEAP_OFF || off > g->size - SG_BLOCK_HDR)
+        return NULL;
+    sg_block *b = (sg_block *)(g->base + off);
+    unsigned cls = SG_META_CLASS(sg_load_relaxed(&b->meta));
+    if (cls >= SG_NCLASSES || sg__class_size(cls) > g->size - off)
+        return NULL;
+    return b;
+}
 
 /* ---- heap (heap.c) ---- */
 /* Allocate a block whose payload holds `payload` bytes. On success *off is
