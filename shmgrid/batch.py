@@ -22,7 +22,7 @@ from array import array
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
-from .errors import _BY_CODE, RemoteUnavailable, ShmgridError, raise_for
+from .errors import _BY_CODE, InvalidArgument, RemoteUnavailable, ShmgridError, raise_for
 
 _EREMOTE = lib.SG_EREMOTE
 _ENOKEY = lib.SG_ENOKEY
@@ -101,12 +101,8 @@ def _typed_values(m: Any, values: Any, shape: Any) -> Any:
         try:
             arr = np.broadcast_to(arr, shape)
         except ValueError:
-            raise InvalidShape(f"{arr.shape[0] if arr.ndim else 1} values for {shape} keys") from None
+            raise InvalidArgument(f"values of shape {arr.shape} for keys of shape {shape}") from None
     return np.ascontiguousarray(arr).reshape(-1)
-
-
-class InvalidShape(ShmgridError, ValueError):
-    """Keys and values (or deltas) of a batch do not pair up."""
 
 
 def _pack_keys(m: Any, keys: Any) -> Tuple[_Packed, Any]:
@@ -259,7 +255,7 @@ def put_many(m: Any, keys: Any, values: Any) -> Any:
             raise TypeError("values must be a sequence of values, not one value")
         pv = _Packed.of_list([_bytes_val(v) for v in values])
         if pv.n != n:
-            raise InvalidShape(f"{pv.n} values for {n} keys")
+            raise InvalidArgument(f"{pv.n} values for {n} keys")
     status, cst = _status(n, typed)
     versions, cver = _u64(n, typed)
     rc = lib.sg_map_put_many(m._h, pk.data, pk.lens, pk.width, pv.data, pv.lens, pv.width, n, cst, cver)
@@ -327,7 +323,7 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
         try:
             d = np.ascontiguousarray(np.broadcast_to(d.astype("i8", casting="safe"), shape)).reshape(-1)
         except (TypeError, ValueError):
-            raise InvalidShape(f"deltas of shape {d.shape} (and type {d.dtype}) for keys of shape {shape}") from None
+            raise InvalidArgument(f"deltas of shape {d.shape} (and type {d.dtype}) for keys of shape {shape}") from None
         results = np.zeros(n, dtype="i8")
         cres = ffi.from_buffer("int64_t[]", results) if n else ffi.NULL
         cdel = ffi.from_buffer("int64_t[]", d) if n else ffi.NULL
@@ -337,7 +333,7 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
         else:
             dl = list(deltas)
             if len(dl) != n:
-                raise InvalidShape(f"{len(dl)} deltas for {n} keys")
+                raise InvalidArgument(f"{len(dl)} deltas for {n} keys")
         for x in dl:
             if not isinstance(x, int) or isinstance(x, bool) or not -(2**63) <= x < 2**63:
                 raise TypeError(f"deltas must be ints in the int64 range, got {x!r}")
