@@ -205,8 +205,10 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
             int64_t st;
             if (mirror && !sg__in_mask(hash, mirror->partitions, mirror->local)) {
                 st = SG_EREMOTE; /* as the single call: the caller goes through the bridge */
-                if (b->op == BOP_PUT)
-                    sg__kstep(&b->vals, &vp, &klen);
+                if (b->op == BOP_PUT) {
+                    size_t vlen;
+                    sg__kstep(&b->vals, &vp, &vlen); /* skip its value */
+                }
             } else {
                 switch (b->op) {
                 case BOP_GET:

@@ -84,8 +84,7 @@ class _Packed:
     def item(self, i: int) -> bytes:
         if self.items is not None:
             return self.items[i]
-        w = self.width
-        return bytes(self.keep.data[i * w:(i + 1) * w]) if w else b""
+        return self.keep[i:i + 1].tobytes()  # type: ignore[no-any-return]
 
 
 def _typed_keys(m: Any, keys: Any) -> Tuple[Any, Any]:

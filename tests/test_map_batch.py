@@ -327,6 +327,45 @@ def test_remote_elements_without_a_bridge(grid):
     assert m.put_many(keys[:3], [b"x"] * 3)
 
 
+@pytest.mark.parametrize("typed", [False, True])
+def test_remote_elements_go_through_the_bridge_path(grid, monkeypatch, typed):
+    """Each remote element goes to Map._remote (the bridge) with its own key
+    and value, in order, and its answer lands at its index; the local
+    elements are done here."""
+    calls = []
+
+    def fake_remote(self, op, key, value=None, expected=None, **args):
+        calls.append((op, key, value, args))
+        return {"ok": True, "version": 1000 + len(calls), "result": -len(calls)}
+
+    monkeypatch.setattr(shmgrid.Map, "_remote", fake_remote)
+    if typed:
+        m = grid.map("mirt", key_dtype="i8", value_dtype="<i8")
+        keys = np.arange(30, dtype="i8") * 1001
+        enc = [k.tobytes() for k in keys]
+        vals = np.arange(30, dtype="i8") + 7
+        venc = [v.tobytes() for v in vals]
+    else:
+        m = grid.map("mirb", max_key=16, max_value=16)
+        keys = enc = [b"key%d" % i for i in range(30)]
+        vals = venc = [i64(i + 7) for i in range(30)]
+    mask = mirror.PartitionMask(4, [1, 3])
+    assert lib.sg_map_set_mirror(m._h, mask.partitions, mask.c) == 0
+    remote = [i for i, k in enumerate(enc) if mirror.partition_of(k, 4) not in mask]
+    assert 5 < len(remote) < 25
+
+    versions = m.put_many(keys, vals)
+    assert calls == [("put", enc[i], venc[i], {}) for i in remote]
+    assert [int(v) for v in versions] == [1001 + remote.index(i) if i in remote else 1 for i in range(30)]
+    calls.clear()
+    results = m.incr_many(keys, 2)
+    assert calls == [("incr", enc[i], None, {"delta": 2}) for i in remote]
+    assert [int(r) for r in results] == [-(remote.index(i) + 1) if i in remote else i + 9 for i in range(30)]
+    calls.clear()
+    found = m.delete_many(keys)
+    assert calls == [("delete", enc[i], None, {}) for i in remote] and all(found)
+
+
 # ---- many processes ---------------------------------------------------------------------------
 
 
