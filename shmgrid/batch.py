@@ -144,7 +144,10 @@ class _Remote:
     remote element not done."""
 
     def __init__(self, status: Any) -> None:
-        self.idx = [i for i, s in enumerate(status) if s == _EREMOTE] if _has(status, _EREMOTE) else []
+        if isinstance(status, array):
+            self.idx = [i for i, s in enumerate(status) if s == _EREMOTE] if _EREMOTE in status else []
+        else:
+            self.idx = _np().nonzero(status == _EREMOTE)[0].tolist()
 
     def run(self, fn: Any, results: Any) -> None:
         for j, i in enumerate(self.idx):
@@ -159,16 +162,10 @@ class _Remote:
                 raise
 
 
-def _has(status: Any, code: int) -> bool:
-    if isinstance(status, array) or not hasattr(status, "any"):
-        return code in status
-    return bool((status == code).any())
-
-
 def _failures(status: Any, absent_ok: bool = False) -> List[int]:
     """Indices of the elements that failed: a negative status other than
     EREMOTE (handled apart) and, for get, ENOKEY (absent is an answer)."""
-    if hasattr(status, "nonzero") and not isinstance(status, array):
+    if not isinstance(status, array):
         np = _np()
         bad = (status < 0) & (status != _EREMOTE)
         if absent_ok:
@@ -313,8 +310,8 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
     pk, shape = _pack_keys(m, keys)
     n = pk.n
     typed = m._kdt is not None
-    np = _np() if typed else None
     if typed:
+        np = _np()
         m._check_int_values()
         d = np.asarray(deltas)
         if d.dtype.kind not in "iub":
