@@ -395,6 +395,35 @@ def test_incr_many_from_four_processes_gives_exact_totals(grid):
     assert r["live"] == r["live_counter"] == 300
 
 
+def _grow_worker(start, m, wid, n, rounds):
+    start.wait()
+    keys = np.arange(n, dtype="i8") * 4 + wid  # disjoint key sets
+    for r in range(rounds):
+        m.put_many(keys, keys * 10 + r)
+        got = m.get_many(keys)
+        assert (got == keys * 10 + r).all(), "a batch did not read back its own writes"
+        m.delete_many(keys[::3])
+    return int(len(keys) - len(keys[::3]))
+
+
+@pytest.mark.timeout(120)
+def test_batches_from_four_processes_across_migrations(grid):
+    """4 processes put, read back and delete batches of disjoint keys in a
+    map created for 64 keys: it migrates many times under the batches, and
+    every key ends with its last value."""
+    m = grid.map("grow", key_dtype="i8", value_dtype="i8", capacity=64)
+    n, rounds = 20_000, 3
+    live = run_all(_grow_worker, [(m, w, n, rounds) for w in range(4)], timeout=100)
+    keys = np.arange(4 * n, dtype="i8")
+    found = np.zeros(len(keys), bool)
+    got = m.get_many(keys, found=found)
+    expect_found = (keys // 4) % 3 != 0
+    assert (found == expect_found).all()
+    assert (got[found] == keys[found] * 10 + rounds - 1).all()
+    r = m.validate()
+    assert r["live"] == r["live_counter"] == sum(live) and r["generation"] > 5
+
+
 def _put_many_forever(m, n):
     keys = np.arange(n, dtype="i8")
     i = 1
