@@ -867,35 +867,45 @@ static int sg__remote(sg_map *m, uint64_t hash)
     return d && !sg__in_mask(hash, d->partitions, d->local);
 }
 
-/* One update. `batched`: the caller (batch.c) is inside sg__enter, has
- * checked the lengths and the key's partition, and gives the key's hash. */
-static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, int batched, sg__update *u)
+static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, sg__update *u);
+
+static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
 {
-    int rc;
+    if (!m || !m->g || !m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    int rc = sg__check_key(m, klen);
+    if (rc)
+        return rc;
     size_t vlen = u->op == OP_INCR ? 8 : u->op == OP_DELETE || (u->op == OP_APPLY && u->tombstone) ? 0 : u->vlen;
-    if (!batched) {
-        if (!m || !m->g || !m->g->base)
-            return sg__fail(SG_ECLOSED, "map used after its grid was closed");
-        rc = sg__check_key(m, klen);
-        if (rc)
-            return rc;
-        if (vlen > m->max_value)
-            return sg__fail(SG_EVALSIZE, "value of %zu bytes exceeds this map's max_value of %u bytes", vlen,
-                            m->max_value);
-        if (u->op == OP_INCR && m->max_value < 8)
-            return sg__fail(SG_EVALSIZE, "incr needs 8-byte values; this map's max_value is %u", m->max_value);
-        hash = sg_hash64(key, klen);
-        if (u->op != OP_APPLY && sg__remote(m, hash))
-            return sg__fail_const(SG_EREMOTE,
-                                  "the key's partition is owned by another host: write through the bridge");
-    }
+    if (vlen > m->max_value)
+        return sg__fail(SG_EVALSIZE, "value of %zu bytes exceeds this map's max_value of %u bytes", vlen,
+                        m->max_value);
+    if (u->op == OP_INCR && m->max_value < 8)
+        return sg__fail(SG_EVALSIZE, "incr needs 8-byte values; this map's max_value is %u", m->max_value);
+
+    uint64_t hash = sg_hash64(key, klen);
+    if (u->op != OP_APPLY && sg__remote(m, hash))
+        return sg__fail_const(SG_EREMOTE, "the key's partition is owned by another host: write through the bridge");
+    rc = sg__enter(m);
+    if (rc)
+        return rc;
+    rc = sg__apply_in(m, key, klen, hash, u);
+    sg__exit(m);
+    return rc;
+}
+
+/* The update itself, inside sg__enter, with the lengths and the key's
+ * partition checked (by sg__apply, or for each element by batch.c). */
+static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, sg__update *u)
+{
+    size_t vlen = u->op == OP_INCR ? 8 : u->op == OP_DELETE || (u->op == OP_APPLY && u->tombstone) ? 0 : u->vlen;
     int creates = u->op == OP_PUT || u->op == OP_PUT_IF_ABSENT || u->op == OP_INCR || u->op == OP_APPLY ||
                   (u->op == OP_CAS_VERSION && u->expected_version == 0);
 
     /* The new block, filled except for its version (and the INCR value). */
     uint64_t nb_off;
     int fresh;
-    rc = sg__alloc(m->g, vlen, &nb_off, &fresh);
+    int rc = sg__alloc(m->g, vlen, &nb_off, &fresh);
     if (rc)
         return rc;
     sg_block *nb = (sg_block *)(m->g->base + nb_off);
@@ -904,11 +914,6 @@ static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, 
     if (kind == SG_BLK_VALUE && u->op != OP_INCR)
         sg_copy_in(nb->payload, u->val, vlen);
 
-    rc = batched ? SG_OK : sg__enter(m);
-    if (rc) {
-        sg__free(m->g, nb_off);
-        return rc;
-    }
     for (;;) {
         sg_slot *s = NULL;
         sg__tab t;
@@ -975,23 +980,14 @@ static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, 
                 sg__count(m, c.present, kind == SG_BLK_VALUE);
                 u->version = base + 1;
                 sg__feed_append(m, hash, SG_HEAD_OFF(sg_load_relaxed(&s->head)), u->version, kind == SG_BLK_TOMB);
-                if (!batched)
-                    sg__exit(m);
                 return SG_OK;
             }
             /* Someone else changed the key: decide again on the new state. */
         }
     }
 out:
-    if (!batched)
-        sg__exit(m);
     sg__free(m->g, nb_off); /* never published */
     return rc;
-}
-
-static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
-{
-    return sg__apply_in(m, key, klen, 0, 0, u);
 }
 
 /* The single-key steps of the batch calls (batch.c): inside sg__enter,
@@ -1000,7 +996,7 @@ int sg__put_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, cons
                     uint64_t *version)
 {
     sg__update u = {.op = OP_PUT, .val = val, .vlen = vlen};
-    int rc = sg__apply_in(m, key, klen, hash, 1, &u);
+    int rc = sg__apply_in(m, key, klen, hash, &u);
     *version = u.version;
     return rc;
 }
@@ -1008,7 +1004,7 @@ int sg__put_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, cons
 int sg__delete_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, uint64_t *version)
 {
     sg__update u = {.op = OP_DELETE};
-    int rc = sg__apply_in(m, key, klen, hash, 1, &u);
+    int rc = sg__apply_in(m, key, klen, hash, &u);
     *version = u.version;
     return rc;
 }
@@ -1017,7 +1013,7 @@ int sg__incr_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, int
                      uint64_t *version)
 {
     sg__update u = {.op = OP_INCR, .delta = delta};
-    int rc = sg__apply_in(m, key, klen, hash, 1, &u);
+    int rc = sg__apply_in(m, key, klen, hash, &u);
     *result = u.result;
     *version = u.version;
     return rc;
