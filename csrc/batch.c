@@ -215,9 +215,10 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
                     if (b->vwidth) {
                         char *dst = b->out + i * b->vwidth;
                         st = sg__get_entered(m, key, klen, hash, dst, b->vwidth, &version);
-                        if (st >= 0 && st != b->vwidth) {
+                        if (st >= 0 && st != b->vwidth) { /* not the map's type: written past it */
                             memset(dst, 0, b->vwidth);
-                            st = SG_EVALSIZE;
+                            st = sg__fail(SG_EVALSIZE, "get_many: element %zu holds a value of %lld bytes, not %u",
+                                          i, (long long)st, b->vwidth);
                         }
                     } else {
                         size_t room = b->cap - outoff;

@@ -469,8 +469,8 @@ int sg_map_types_get(sg_map *m, char *kout, size_t kcap, size_t *klen, char *vou
  * damaged segment: elements before the failing one may be done). */
 
 /* vwidth > 0: value i is copied to out + i * vwidth (cap >= n * vwidth);
- * a present value whose length is not vwidth gets SG_EVALSIZE (nothing
- * copied). vwidth 0: values are concatenated into out (cap bytes, at least
+ * a present value whose length is not vwidth gets SG_EVALSIZE (its place
+ * zeroed). vwidth 0: values are concatenated into out (cap bytes, at least
  * the map's max_value), and the call stops before the first value that
  * does not fit: it returns how many elements it did (>= 1). */
 int64_t sg_map_get_many(sg_map *m, const char *keys, const uint32_t *klens, uint32_t kwidth, size_t n, char *out,

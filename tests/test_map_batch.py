@@ -285,6 +285,18 @@ def test_dtypes_are_recorded_and_checked(grid):
         grid.map("h", key_dtype="i8")
 
 
+def test_a_value_of_another_width_in_a_typed_map(grid):
+    """Written past the type (the C API takes any bytes): that element of a
+    get_many fails with ValueTooLarge, the others are read."""
+    m = grid.map("ww", key_dtype="i8", value_dtype="i8")
+    m.put_many(np.arange(3), np.arange(3) + 10)
+    k = np.int64(1).tobytes()
+    assert lib.sg_map_put(m._h, k, 8, b"abc", 3, shmgrid._core.ffi.NULL) == 0
+    with pytest.raises(shmgrid.ValueTooLarge, match="element 1 holds a value of 3 bytes, not 8") as e:
+        m.get_many(np.arange(3))
+    assert e.value.failed == [1] and e.value.results.tolist() == [10, 0, 12]
+
+
 def test_typed_values_broadcast_and_shapes(grid):
     m = grid.map("sh", key_dtype="i8", value_dtype="f8")
     keys = np.arange(6).reshape(2, 3)
