@@ -110,6 +110,7 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         max_capacity: Optional[int] = None,
         key_dtype: Any = None,
         value_dtype: Any = None,
+        raw: bool = False,
     ) -> "Map":
         for arg, v in (("capacity", capacity), ("max_key", max_key), ("max_value", max_value),
                        ("max_capacity", max_capacity)):
@@ -135,7 +136,7 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         h = ffi.gc(out[0], lib.sg_map_free)
         from .typed import TypedMap, types_of
 
-        dtypes = types_of(h)
+        dtypes = None if raw else types_of(h)
         if dtypes is not None:
             cls = TypedMap
         m = cls.__new__(cls)
@@ -185,6 +186,14 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     def value_dtype(self) -> Any:
         """The numpy dtype of a typed map's values, else None."""
         return self._vdt
+
+    def raw(self) -> "Map":
+        """This map with bytes keys and values: for a typed map, a handle
+        that ignores its dtypes (for tools that move bytes between maps, such
+        as the bridge); an untyped map returns itself."""
+        if self._kdt is None:
+            return self
+        return Map._open(self._grid, self._name, None, None, None, None, raw=True)
 
     def watch(self, prefix: Optional[Key] = None) -> Any:
         """A :class:`~shmgrid.watch.Watch` of the changes made to this map

@@ -266,6 +266,18 @@ def test_structured_dtype(grid):
     assert again.get_many(keys).tolist() == vals.tolist()
 
 
+def test_raw_handle_of_a_typed_map(grid):
+    """raw(): the same map in bytes, as the bridge uses it."""
+    m = grid.map("raw", key_dtype="i8", value_dtype="f8")
+    m[5] = 2.5
+    r = m.raw()
+    assert type(r) is shmgrid.Map and r.key_dtype is None and r.raw() is r
+    k5 = np.int64(5).tobytes()
+    assert r.keys() == [k5] and r.get(k5) == np.float64(2.5).tobytes()
+    r.put(np.int64(6).tobytes(), np.float64(-1.0).tobytes())
+    assert m[6] == -1.0 and r.get_many([k5]) == [np.float64(2.5).tobytes()]
+
+
 def test_dtypes_are_recorded_and_checked(grid):
     grid.map("d", key_dtype="i8", value_dtype="f8")
     assert grid.map("d", key_dtype=np.int64, value_dtype="<f8").value_dtype == np.float64

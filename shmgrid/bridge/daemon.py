@@ -131,7 +131,8 @@ class Bridge:
         # created again starts its feeds from 0
         self._feed_id = f"{cfg.name}:{self.grid.info()['created_ns']}"
         for n, mc in cfg.maps.items():
-            self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
+            # raw: the bridge moves bytes, whatever dtypes a typed map has
+            self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value).raw()
         for n, mc in cfg.maps.items():  # writes to other hosts' partitions now come through us
             rc = lib.sg_map_set_mirror(self.maps[n]._h, mc.partitions, self._masks[cfg.name][n].c)
             if rc:
