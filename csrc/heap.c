@@ -17,17 +17,6 @@
 
 #include "sg_internal.h"
 
-sg_block *sg__block(const sg_grid *g, uint64_t off)
-{
-    if ((off & 15) || off < SG_HEAP_OFF || off > g->size - SG_BLOCK_HDR)
-        return NULL;
-    sg_block *b = (sg_block *)(g->base + off);
-    unsigned cls = SG_META_CLASS(sg_load_relaxed(&b->meta));
-    if (cls >= SG_NCLASSES || sg__class_size(cls) > g->size - off)
-        return NULL;
-    return b;
-}
-
 #define SG_BACKING_STEP (2ull << 20)
 
 /* Make sure tmpfs pages exist up to `end`, allocating them 2 MiB at a time

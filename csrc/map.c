@@ -263,7 +263,7 @@ static uint64_t *sg__announcement(sg_map *m)
 
 /* Enter a map operation: announce the global epoch in this process's slot
  * (or count one more thread in, keeping the older epoch). */
-static int sg__enter(sg_map *m)
+int sg__enter(sg_map *m)
 {
     sg_grid *g = m->g;
     if (!g || !g->base)
@@ -286,7 +286,7 @@ static int sg__enter(sg_map *m)
 
 static void sg__reclaim(sg_map *m);
 
-static void sg__exit(sg_map *m)
+void sg__exit(sg_map *m)
 {
     if (m->g->slot >= SG_PROC_SLOTS)
         return; /* sg__enter refused: nothing to undo */
@@ -847,13 +847,16 @@ static int sg__decide(sg__update *u, const sg__cur *c, int64_t cur, sg_block *nb
     return 0;
 }
 
-/* Whether a key of this hash belongs to a partition another host owns. */
-static int sg__remote(sg_map *m, uint64_t hash)
+/* What a damaged descriptor reads as: no partition is owned here (see
+ * sg__is_remote: partitions 0 means every key is remote). */
+static const sg_mirror_desc sg__damaged;
+
+const sg_mirror_desc *sg__mirror(sg_map *m)
 {
     /* SYNC POINT: mirror-desc (acquire) */
     uint64_t off = sg_load_acquire(&m->hdr->mirror);
     if (!off)
-        return 0;
+        return NULL;
     sg_block *b = sg__block(m->g, off);
     /* Damaged: refuse every write here, so that callers go through the
      * bridge, which knows the owners from its configuration (and, for a
@@ -861,12 +864,20 @@ static int sg__remote(sg_map *m, uint64_t hash)
      * Failing open would let a local write land in a partition owned
      * elsewhere, where the owner's next version silently overwrites it. */
     if (!b)
-        return 1;
+        return &sg__damaged;
     const sg_mirror_desc *d = (const sg_mirror_desc *)b->payload;
     if (!d->partitions || sizeof *d + (d->partitions - 1) / 8 >= SG_META_LEN(b->meta))
-        return 1;
-    return !sg__in_mask(hash, d->partitions, d->local);
+        return &sg__damaged;
+    return d;
 }
+
+/* Whether a key of this hash belongs to a partition another host owns. */
+static int sg__remote(sg_map *m, uint64_t hash)
+{
+    return sg__is_remote(sg__mirror(m), hash);
+}
+
+static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, sg__update *u);
 
 static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
 {
@@ -885,13 +896,26 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
     uint64_t hash = sg_hash64(key, klen);
     if (u->op != OP_APPLY && sg__remote(m, hash))
         return sg__fail_const(SG_EREMOTE, "the key's partition is owned by another host: write through the bridge");
+    rc = sg__enter(m);
+    if (rc)
+        return rc;
+    rc = sg__apply_in(m, key, klen, hash, u);
+    sg__exit(m);
+    return rc;
+}
+
+/* The update itself, inside sg__enter, with the lengths and the key's
+ * partition checked (by sg__apply, or for each element by batch.c). */
+static int sg__apply_in(sg_map *m, const char *key, size_t klen, uint64_t hash, sg__update *u)
+{
+    size_t vlen = u->op == OP_INCR ? 8 : u->op == OP_DELETE || (u->op == OP_APPLY && u->tombstone) ? 0 : u->vlen;
     int creates = u->op == OP_PUT || u->op == OP_PUT_IF_ABSENT || u->op == OP_INCR || u->op == OP_APPLY ||
                   (u->op == OP_CAS_VERSION && u->expected_version == 0);
 
     /* The new block, filled except for its version (and the INCR value). */
     uint64_t nb_off;
     int fresh;
-    rc = sg__alloc(m->g, vlen, &nb_off, &fresh);
+    int rc = sg__alloc(m->g, vlen, &nb_off, &fresh);
     if (rc)
         return rc;
     sg_block *nb = (sg_block *)(m->g->base + nb_off);
@@ -900,11 +924,6 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
     if (kind == SG_BLK_VALUE && u->op != OP_INCR)
         sg_copy_in(nb->payload, u->val, vlen);
 
-    rc = sg__enter(m);
-    if (rc) {
-        sg__free(m->g, nb_off);
-        return rc;
-    }
     for (;;) {
         sg_slot *s = NULL;
         sg__tab t;
@@ -971,15 +990,42 @@ static int sg__apply(sg_map *m, const char *key, size_t klen, sg__update *u)
                 sg__count(m, c.present, kind == SG_BLK_VALUE);
                 u->version = version;
                 sg__feed_append(m, hash, SG_HEAD_OFF(sg_load_relaxed(&s->head)), u->version, kind == SG_BLK_TOMB);
-                sg__exit(m);
                 return SG_OK;
             }
             /* Someone else changed the key: decide again on the new state. */
         }
     }
 out:
-    sg__exit(m);
     sg__free(m->g, nb_off); /* never published */
+    return rc;
+}
+
+/* The single-key steps of the batch calls (batch.c): inside sg__enter,
+ * lengths and partition checked, hash given. */
+int sg__put_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, const char *val, size_t vlen,
+                    uint64_t *version)
+{
+    sg__update u = {.op = OP_PUT, .val = val, .vlen = vlen};
+    int rc = sg__apply_in(m, key, klen, hash, &u);
+    *version = u.version;
+    return rc;
+}
+
+int sg__delete_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, uint64_t *version)
+{
+    sg__update u = {.op = OP_DELETE};
+    int rc = sg__apply_in(m, key, klen, hash, &u);
+    *version = u.version;
+    return rc;
+}
+
+int sg__incr_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, int64_t delta, int64_t *result,
+                     uint64_t *version)
+{
+    sg__update u = {.op = OP_INCR, .delta = delta};
+    int rc = sg__apply_in(m, key, klen, hash, &u);
+    *result = u.result;
+    *version = u.version;
     return rc;
 }
 
@@ -1046,6 +1092,21 @@ int sg_map_incr(sg_map *m, const char *key, size_t klen, int64_t delta, int64_t 
     return rc;
 }
 
+int64_t sg__get_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
+                        uint64_t *version)
+{
+    sg__tab t;
+    sg__cur c;
+    int rc = sg__head(m, &t);
+    if (!rc)
+        rc = sg__lookup(m, t, key, klen, hash, out, cap, &c);
+    if (rc)
+        return rc;
+    if (version)
+        *version = c.version;
+    return c.present ? (int64_t)c.len : SG_ENOKEY;
+}
+
 int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t cap, uint64_t *version)
 {
     int rc = sg__check_key(m, klen);
@@ -1055,17 +1116,21 @@ int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t ca
     rc = sg__enter(m);
     if (rc)
         return rc;
-    sg__tab t;
-    sg__cur c;
-    rc = sg__head(m, &t);
-    if (!rc)
-        rc = sg__lookup(m, t, key, klen, hash, out, cap, &c);
+    int64_t n = sg__get_entered(m, key, klen, hash, out, cap, version);
     sg__exit(m);
-    if (rc)
-        return rc;
-    if (version)
-        *version = c.version;
-    return c.present ? (int64_t)c.len : SG_ENOKEY;
+    return n;
+}
+
+void sg__map_slots(sg_map *m, const sg_slot **slots, uint64_t *mask)
+{
+    sg__tab t;
+    if (sg__head(m, &t)) {
+        *slots = NULL;
+        *mask = 0;
+        return;
+    }
+    *slots = t.slots;
+    *mask = t.mask;
 }
 
 int64_t sg_map_len(sg_map *m)
@@ -1432,9 +1497,15 @@ static uint64_t sg__slots_for(uint64_t capacity)
     return n;
 }
 
+/* The types a map is opened with (sg_map_open_typed); NULL members: untyped. */
+typedef struct sg__types {
+    const char *key, *value;
+    size_t klen, vlen;
+} sg__types;
+
 static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, void *ctx)
 {
-    (void)ctx;
+    const sg__types *ty = ctx;
     uint64_t nslots = sg__slots_for(param[0]);
     uint64_t bytes = sg__table_bytes(nslots);
     uint64_t hoff, toff;
@@ -1469,6 +1540,18 @@ static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, vo
     mh->max_slots = param[3] ? sg__slots_for(param[3] + param[3] / 2 + 64) : 0;
     mh->table = toff;
     rc = sg__feed_create(g, SG_FEED_SLOTS, &mh->feed);
+    if (!rc && ty && ty->key) {
+        sg_map_types *d;
+        rc = sg__object_alloc(g, sizeof *d + ty->klen + ty->vlen, (void **)&d, &mh->types);
+        if (!rc) {
+            d->key_len = (uint32_t)ty->klen;
+            d->value_len = (uint32_t)ty->vlen;
+            memcpy(d->text, ty->key, ty->klen);
+            memcpy(d->text + ty->klen, ty->value, ty->vlen);
+        } else {
+            sg__free(g, mh->feed);
+        }
+    }
     if (rc) {
         sg__free(g, toff);
         sg__free(g, hoff);
@@ -1480,11 +1563,39 @@ static int sg__map_create(sg_grid *g, const uint64_t param[4], uint64_t *obj, vo
     return SG_OK;
 }
 
+/* The map's type descriptions, checked to lie in their block; NULL if untyped. */
+static const sg_map_types *sg__types_of(sg_grid *g, const sg_map_hdr *mh, int *corrupt)
+{
+    *corrupt = 0;
+    if (!mh->types)
+        return NULL;
+    sg_block *b = sg__block(g, mh->types);
+    const sg_map_types *d = b ? (const sg_map_types *)b->payload : NULL;
+    if (!d || SG_META_KIND(b->meta) != SG_BLK_OBJECT || SG_META_LEN(b->meta) < sizeof *d ||
+        (uint64_t)d->key_len + d->value_len > SG_META_LEN(b->meta) - sizeof *d) {
+        *corrupt = 1;
+        return NULL;
+    }
+    return d;
+}
+
 int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_key, uint32_t max_value,
                 uint64_t max_capacity, sg_map **out)
 {
+    return sg_map_open_typed(g, name, capacity, max_key, max_value, max_capacity, NULL, 0, NULL, 0, out);
+}
+
+int sg_map_open_typed(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_key, uint32_t max_value,
+                      uint64_t max_capacity, const char *ktype, size_t ktlen, const char *vtype, size_t vtlen,
+                      sg_map **out)
+{
     if (!g || !g->base)
         return sg__fail(SG_ECLOSED, "grid is closed");
+    if (!ktype != !vtype || (ktype && (!ktlen || !vtlen || ktlen + vtlen > SG_MAP_TYPES_MAX)))
+        return sg__fail(SG_EINVAL, "a typed map needs a key type and a value type of 1 to %u bytes together",
+                        SG_MAP_TYPES_MAX);
+    if (ktype && (!max_key || !max_value))
+        return sg__fail(SG_EINVAL, "a typed map needs max_key and max_value: the widths of its types");
     if (capacity > (1ull << 36) || max_capacity > (1ull << 36))
         return sg__fail(SG_EINVAL, "capacity and max_capacity are limited to %llu keys", 1ull << 36);
     if (max_key > SG_MAX_KEY_LIMIT)
@@ -1499,7 +1610,8 @@ int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_ke
     uint64_t param[4] = {cap, max_key ? max_key : SG_DEFAULT_MAX_KEY, max_value ? max_value : SG_DEFAULT_MAX_VALUE,
                          max_capacity};
     sg_dirent *e;
-    int rc = sg__dir_open(g, name, SG_OBJ_MAP, param, sg__map_create, NULL, &e);
+    sg__types ty = {ktype, vtype, ktlen, vtlen};
+    int rc = sg__dir_open(g, name, SG_OBJ_MAP, param, sg__map_create, &ty, &e);
     if (rc)
         return rc;
 
@@ -1520,6 +1632,17 @@ int sg_map_open(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_ke
         mh->max_value > SG_MAX_VALUE_LIMIT || mh->min_slots < 8 || mh->min_slots > (1ull << 40) ||
         (mh->max_slots && mh->max_slots < mh->min_slots))
         return sg__fail(SG_ECORRUPT, "map '%s': header disagrees with its directory entry", name);
+    int corrupt;
+    const sg_map_types *d = sg__types_of(g, mh, &corrupt);
+    if (corrupt)
+        return sg__fail(SG_ECORRUPT, "map '%s': its types block is damaged", name);
+    if (ktype && !d)
+        return sg__fail(SG_EMISMATCH, "map '%s' exists without types; it was asked for with types", name);
+    if (ktype && (d->key_len != ktlen || d->value_len != vtlen || memcmp(d->text, ktype, ktlen) ||
+                  memcmp(d->text + ktlen, vtype, vtlen)))
+        return sg__fail(SG_EMISMATCH, "map '%s' exists with types %.*s -> %.*s; it was asked for with %.*s -> %.*s",
+                        name, (int)d->key_len, d->text, (int)d->value_len, d->text + d->key_len, (int)ktlen, ktype,
+                        (int)vtlen, vtype);
 
     sg_map *m = calloc(1, sizeof *m);
     if (!m)
@@ -1549,6 +1672,27 @@ void sg_map_free(sg_map *m)
     free(m);
     if (sg_ref_dec(&g->refs) == 0)
         free(g);
+}
+
+int sg_map_types_get(sg_map *m, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen)
+{
+    if (!m || !m->g || !m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
+    int corrupt;
+    const sg_map_types *d = sg__types_of(m->g, m->hdr, &corrupt);
+    *klen = *vlen = 0;
+    if (corrupt)
+        return sg__fail(SG_ECORRUPT, "map: its types block is damaged");
+    if (!d)
+        return SG_NO;
+    if (d->key_len > kcap || d->value_len > vcap)
+        return sg__fail(SG_EINVAL, "type descriptions of %u and %u bytes do not fit in %zu and %zu", d->key_len,
+                        d->value_len, kcap, vcap);
+    memcpy(kout, d->text, d->key_len);
+    memcpy(vout, d->text + d->key_len, d->value_len);
+    *klen = d->key_len;
+    *vlen = d->value_len;
+    return SG_OK;
 }
 
 int sg_map_params(sg_map *m, uint64_t *capacity, uint32_t *max_key, uint32_t *max_value, uint64_t *max_capacity)

@@ -35,6 +35,28 @@ struct sg_map {
     uint64_t feed_slots;
 };
 
+/* ---- map internals used by the batch calls (map.c, for batch.c) ---- */
+/* Enter / leave a map operation (reclamation epoch, see map.c). */
+int sg__enter(sg_map *m);
+void sg__exit(sg_map *m);
+/* The map's mirror descriptor, checked; NULL if the map is not mirrored,
+ * and one with partitions 0 if it is damaged (then every write is refused
+ * here and goes through the bridge). */
+const sg_mirror_desc *sg__mirror(sg_map *m);
+/* The slots of the map's oldest table in use (NULL if damaged), for
+ * prefetching only: the steps below find keys by the full protocol. */
+void sg__map_slots(sg_map *m, const sg_slot **slots, uint64_t *mask);
+/* Single-key steps, called inside sg__enter with the lengths and the key's
+ * partition checked and its hash given; same results as sg_map_get,
+ * sg_map_put, sg_map_delete (no copy of the old value), sg_map_incr. */
+int64_t sg__get_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
+                        uint64_t *version);
+int sg__put_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, const char *val, size_t vlen,
+                    uint64_t *version);
+int sg__delete_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, uint64_t *version);
+int sg__incr_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, int64_t delta, int64_t *result,
+                     uint64_t *version);
+
 /* ---- change feed (feed.c) ---- */
 int sg__feed_create(sg_grid *g, uint64_t slots, uint64_t *off);
 /* Attach m to the feed of its header (if any), checking the block. */
@@ -78,8 +100,18 @@ static inline unsigned sg__class_for(uint64_t n)
     return c < SG_NCLASSES ? c : SG_NCLASSES;
 }
 
-/* A block at `off`, checked to lie wholly inside the heap. NULL if not. */
-sg_block *sg__block(const sg_grid *g, uint64_t off);
+/* A block at `off`, checked to lie wholly inside the heap. NULL if not.
+ * Inline: every map operation calls it two or three times. */
+static inline sg_block *sg__block(const sg_grid *g, uint64_t off)
+{
+    if ((off & 15) || off < SG_HEAP_OFF || off > g->size - SG_BLOCK_HDR)
+        return NULL;
+    sg_block *b = (sg_block *)(g->base + off);
+    unsigned cls = SG_META_CLASS(sg_load_relaxed(&b->meta));
+    if (cls >= SG_NCLASSES || sg__class_size(cls) > g->size - off)
+        return NULL;
+    return b;
+}
 
 /* ---- heap (heap.c) ---- */
 /* Allocate a block whose payload holds `payload` bytes. On success *off is
@@ -130,6 +162,12 @@ static inline int sg__in_mask(uint64_t hash, uint32_t nparts, const uint8_t *mas
         return 1;
     uint32_t p = (uint32_t)(hash % nparts);
     return (mask[p / 8] >> (p % 8)) & 1;
+}
+
+/* Whether a key of this hash belongs to another host, by sg__mirror's answer. */
+static inline int sg__is_remote(const sg_mirror_desc *d, uint64_t hash)
+{
+    return d && (!d->partitions || !sg__in_mask(hash, d->partitions, d->local));
 }
 
 /* Monotonic deadlines: sg__deadline(<0) never passes. */

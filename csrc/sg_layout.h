@@ -30,7 +30,7 @@
 #define SG_CACHE_LINE 64u
 
 #define SG_MAGIC ((uint64_t)SG_SEGMENT_MAGIC) /* the bytes "SHMGRID\0" read as a little-endian u64 */
-#define SG_FORMAT_VERSION 4u
+#define SG_FORMAT_VERSION 5u
 
 #define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
 #define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
@@ -282,7 +282,10 @@ typedef struct sg_map_hdr {
     uint64_t min_slots;  /* slots of the first table; migrations never go below */
     uint64_t max_slots;  /* 0, or the most slots growth may reach (room for max_capacity) */
     uint64_t max_capacity; /* 0, or the live keys past which a migration refuses to grow */
-    uint8_t _pad0[SG_CACHE_LINE - 40];
+    uint64_t types;      /* 0, or the offset of an sg_map_types block (kind OBJECT): the map
+                            holds fixed-width keys and values of these types. Written by
+                            the creator before the dirent is READY; never changes. */
+    uint8_t _pad0[SG_CACHE_LINE - 48];
     /* line 1: tables. `table` is the oldest table still in use: the current
      * one, or the one being migrated from (its `next` is then set). Written
      * by the creator, then by the process that completes a migration (CAS,
@@ -327,11 +330,29 @@ typedef struct sg_mirror_desc {
     uint8_t local[];      /* bit p of byte p / 8: partition p is owned here */
 } sg_mirror_desc;
 
+/* The types of a map of fixed-width keys and values (a "typed" map). The
+ * core does not interpret the descriptions: they are opaque text (the
+ * Python layer writes numpy dtype descriptions) compared byte for byte
+ * when the map is opened with types; max_key and max_value are the widths.
+ *
+ *    0          4            8
+ *   +----------+------------+-----------------------+---------------------+
+ *   | key_len  | value_len  | key description ...   | value description   |
+ *   +----------+------------+-----------------------+---------------------+
+ *
+ * Written once by the map's creator before the dirent is READY. */
+typedef struct sg_map_types {
+    uint32_t key_len;    /* bytes of the key type's description */
+    uint32_t value_len;  /* bytes of the value type's description, right after it */
+    char text[];
+} sg_map_types;
+
 _Static_assert(offsetof(sg_map_hdr, capacity) == 0, "layout");
 _Static_assert(offsetof(sg_map_hdr, max_key) == 8, "layout");
 _Static_assert(offsetof(sg_map_hdr, max_value) == 12, "layout");
 _Static_assert(offsetof(sg_map_hdr, min_slots) == 16, "layout");
 _Static_assert(offsetof(sg_map_hdr, max_slots) == 24, "layout");
+_Static_assert(offsetof(sg_map_hdr, types) == 40, "layout");
 _Static_assert(offsetof(sg_map_hdr, table) == SG_CACHE_LINE, "tables on their own line");
 _Static_assert(offsetof(sg_map_hdr, live) == 2 * SG_CACHE_LINE, "live count on its own line");
 _Static_assert(offsetof(sg_map_hdr, version_floor) == 3 * SG_CACHE_LINE, "version floor on its own line");

@@ -449,6 +449,55 @@ int64_t sg_iter_records(sg_iter *it, char *out, size_t cap, uint32_t nparts, con
  * needed); SG_EAGAIN if nothing happened. */
 int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, const uint8_t *mask, uint64_t *lost,
                          int64_t timeout_ns);
+/* ---- typed maps and batch calls ------------------------------------------
+ *
+ * A typed map holds fixed-width keys and values: ktype and vtype describe
+ * them (opaque text to the core; the Python layer writes numpy dtype
+ * descriptions), max_key and max_value are their widths. The types are
+ * recorded on creation; opening an existing map with types checks them
+ * (SG_EMISMATCH if they differ, or if the map has none); opening it with
+ * sg_map_open takes what it has.
+ */
+#define SG_MAP_TYPES_MAX 4096
+int sg_map_open_typed(sg_grid *g, const char *name, uint64_t capacity, uint32_t max_key, uint32_t max_value,
+                      uint64_t max_capacity, const char *ktype, size_t ktlen, const char *vtype, size_t vtlen,
+                      sg_map **out);
+/* The map's type descriptions: SG_OK, or SG_NO for an untyped map. */
+int sg_map_types_get(sg_map *m, char *kout, size_t kcap, size_t *klen, char *vout, size_t vcap, size_t *vlen);
+
+/* Batch calls: n keys in one call. Each element has exactly the semantics
+ * of the single call (linearizable on its own key); the batch as a whole is
+ * not atomic, and other processes may see any prefix of it done.
+ *
+ * Keys come packed at a fixed width (klens NULL: key i is the kwidth bytes
+ * at keys + i * kwidth) or concatenated, with their lengths in klens. Values
+ * likewise (vlens NULL: vwidth bytes each). Every length is checked before
+ * anything is done: an oversize element fails the whole call (SG_EKEYSIZE
+ * or SG_EVALSIZE, naming the element), with nothing written.
+ *
+ * status[i] receives the element's outcome: SG_OK, SG_NO (delete: the key
+ * was absent), a value length (get), SG_ENOKEY (get: absent), or the
+ * negative error its single call would have returned (SG_EREMOTE: owned by
+ * another host, go through the bridge; SG_EFULL; SG_ENOTINT; SG_EOVERFLOW;
+ * ...). versions (may be NULL) receives each key's version as the single
+ * call reports it. The return value is the number of elements done, or a
+ * negative error for the call as a whole (closed map, bad arguments, a
+ * damaged segment: elements before the failing one may be done). */
+
+/* vwidth > 0: value i is copied to out + i * vwidth (cap >= n * vwidth);
+ * a present value whose length is not vwidth gets SG_EVALSIZE (its place
+ * zeroed). vwidth 0: values are concatenated into out (cap bytes, at least
+ * the map's max_value), and the call stops before the first value that
+ * does not fit: it returns how many elements it did (>= 1). */
+int64_t sg_map_get_many(sg_map *m, const char *keys, const uint32_t *klens, uint32_t kwidth, size_t n, char *out,
+                        size_t cap, uint32_t vwidth, int32_t *status, uint64_t *versions);
+int64_t sg_map_put_many(sg_map *m, const char *keys, const uint32_t *klens, uint32_t kwidth, const char *vals,
+                        const uint32_t *vlens, uint32_t vwidth, size_t n, int32_t *status, uint64_t *versions);
+int64_t sg_map_delete_many(sg_map *m, const char *keys, const uint32_t *klens, uint32_t kwidth, size_t n,
+                           int32_t *status, uint64_t *versions);
+/* results[i]: the new value (as sg_map_incr), for elements whose status is SG_OK. */
+int64_t sg_map_incr_many(sg_map *m, const char *keys, const uint32_t *klens, uint32_t kwidth, size_t n,
+                         const int64_t *deltas, int64_t *results, int32_t *status, uint64_t *versions);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

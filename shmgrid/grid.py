@@ -231,6 +231,8 @@ class Grid:
         max_key: Optional[int] = None,
         max_value: Optional[int] = None,
         max_capacity: Optional[int] = None,
+        key_dtype: Any = None,
+        value_dtype: Any = None,
     ) -> "Map":
         """Create or open the map ``name``.
 
@@ -240,10 +242,15 @@ class Grid:
         itself. Parameters matter only on creation; when opening an existing
         map, any parameter given must equal the map's or ObjectMismatch is
         raised.
+
+        With ``key_dtype`` and ``value_dtype`` (numpy dtypes, or anything
+        ``numpy.dtype`` takes), a typed map of fixed-width keys and values:
+        its batch calls take and return numpy arrays (README, "Batch
+        calls"). The dtypes are recorded on creation and checked on open.
         """
         from .map import Map
 
-        return Map._open(self, name, capacity, max_key, max_value, max_capacity)
+        return Map._open(self, name, capacity, max_key, max_value, max_capacity, key_dtype, value_dtype)
 
     def ring(self, name: str, slots: Optional[int] = None, slot_size: Optional[int] = None) -> "Ring":
         """Create or open the MPMC ring ``name``: ``slots`` messages (default

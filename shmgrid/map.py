@@ -86,7 +86,8 @@ class _WalkBuffers:
 class Map(MutableMapping):  # type: ignore[type-arg]
     """A named map in a :class:`~shmgrid.Grid`. Get one with ``grid.map(name)``."""
 
-    __slots__ = ("_grid", "_h", "_name", "_cap", "_max_key", "_capacity", "_max_capacity", "_tls", "__weakref__")
+    __slots__ = ("_grid", "_h", "_name", "_cap", "_max_key", "_capacity", "_max_capacity", "_tls", "_kdt", "_vdt",
+                 "__weakref__")
     _grid: Any
     _h: Any
     _name: str
@@ -95,6 +96,8 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     _capacity: int
     _max_capacity: Optional[int]
     _tls: _PerThread
+    _kdt: Any  # numpy dtypes of a typed map (see shmgrid.typed), else None
+    _vdt: Any
 
     @classmethod
     def _open(
@@ -105,6 +108,9 @@ class Map(MutableMapping):  # type: ignore[type-arg]
         max_key: Optional[int],
         max_value: Optional[int],
         max_capacity: Optional[int] = None,
+        key_dtype: Any = None,
+        value_dtype: Any = None,
+        raw: bool = False,
     ) -> "Map":
         for arg, v in (("capacity", capacity), ("max_key", max_key), ("max_value", max_value),
                        ("max_capacity", max_capacity)):
@@ -112,16 +118,31 @@ class Map(MutableMapping):  # type: ignore[type-arg]
                 raise TypeError(f"{arg} must be a positive int or None, got {v!r}")
         cn = cname(name, "map")
         out = ffi.new("sg_map **")
+        if key_dtype is not None or value_dtype is not None:
+            from .typed import open_args
+
+            max_key, max_value, kt, vt = open_args(key_dtype, value_dtype, max_key, max_value)
+            opener: Any = lambda: lib.sg_map_open_typed(grid._handle(), cn, capacity or 0, max_key, max_value,
+                                                        max_capacity or 0, kt, len(kt), vt, len(vt), out)
+        else:
+            opener = lambda: lib.sg_map_open(grid._handle(), cn, capacity or 0, max_key or 0, max_value or 0,
+                                             max_capacity or 0, out)
         try:
-            rc = lib.sg_map_open(grid._handle(), cn, capacity or 0, max_key or 0, max_value or 0,
-                                 max_capacity or 0, out)
+            rc = opener()
         except OverflowError:
             raise _limits_error(capacity, max_key, max_value) from None
         if rc:
             raise_for(rc)
+        h = ffi.gc(out[0], lib.sg_map_free)
+        from .typed import TypedMap, types_of
+
+        dtypes = None if raw else types_of(h)
+        if dtypes is not None:
+            cls = TypedMap
         m = cls.__new__(cls)
+        m._kdt, m._vdt = dtypes or (None, None)
         m._grid = grid
-        m._h = ffi.gc(out[0], lib.sg_map_free)
+        m._h = h
         m._name = name
         cap = ffi.new("uint64_t *")
         mk = ffi.new("uint32_t *")
@@ -155,6 +176,24 @@ class Map(MutableMapping):  # type: ignore[type-arg]
     @property
     def max_value(self) -> int:
         return self._cap
+
+    @property
+    def key_dtype(self) -> Any:
+        """The numpy dtype of a typed map's keys, else None."""
+        return self._kdt
+
+    @property
+    def value_dtype(self) -> Any:
+        """The numpy dtype of a typed map's values, else None."""
+        return self._vdt
+
+    def raw(self) -> "Map":
+        """This map with bytes keys and values: for a typed map, a handle
+        that ignores its dtypes (for tools that move bytes between maps, such
+        as the bridge); an untyped map returns itself."""
+        if self._kdt is None:
+            return self
+        return Map._open(self._grid, self._name, None, None, None, None, raw=True)
 
     def watch(self, prefix: Optional[Key] = None) -> Any:
         """A :class:`~shmgrid.watch.Watch` of the changes made to this map
@@ -328,6 +367,42 @@ class Map(MutableMapping):  # type: ignore[type-arg]
                 return self._remote("incr", key, delta=delta)["result"]  # type: ignore[no-any-return]
             raise_for(rc)
         return io.result  # type: ignore[no-any-return]
+
+    # ---- batches (shmgrid.batch) -------------------------------------------------
+    #
+    # One C call for the whole batch; each element has the single call's
+    # semantics, the batch is not a transaction. Lists in and out on any map;
+    # numpy arrays in and out on a typed map. See the README, "Batch calls".
+
+    def get_many(self, keys: Any, default: Any = None, found: Any = None) -> Any:
+        """The values of ``keys``; ``default`` for absent ones. On a typed
+        map, a numpy array (absent keys hold ``default``, or zeros if None),
+        and ``found``, a bool array of the keys' shape, if given, is set to
+        which keys were present."""
+        from . import batch
+
+        return batch.get_many(self, keys, default, found)
+
+    def put_many(self, keys: Any, values: Any) -> Any:
+        """Store each value under its key; the keys' new versions (a uint64
+        array on a typed map, where ``values`` may also be one value for all)."""
+        from . import batch
+
+        return batch.put_many(self, keys, values)
+
+    def delete_many(self, keys: Any) -> Any:
+        """Remove each key; whether each was present (a bool array on a
+        typed map)."""
+        from . import batch
+
+        return batch.delete_many(self, keys)
+
+    def incr_many(self, keys: Any, deltas: Any = 1) -> Any:
+        """``incr`` each key by its delta (one int for all, or one per key);
+        the new values (an int64 array on a typed map)."""
+        from . import batch
+
+        return batch.incr_many(self, keys, deltas)
 
     def _remote(self, op: str, key: bytes, value: Optional[bytes] = None, expected: Optional[bytes] = None,
                 **args: Any) -> Dict[str, Any]:

@@ -177,7 +177,8 @@ class Bridge:
         # created again starts its feeds from 0
         self._feed_id = f"{cfg.name}:{self.grid.info()['created_ns']}"
         for n, mc in cfg.maps.items():
-            self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value)
+            # raw: the bridge moves bytes, whatever dtypes a typed map has
+            self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value).raw()
         self._state = self.grid.map(STATE_MAP, capacity=1024, max_key=256, max_value=256)
         for n in cfg.maps:  # partitions owned here hold this grid's own data (see _adopt)
             for p in self._masks[cfg.name][n].members:

@@ -1,0 +1,358 @@
+"""Batch map calls: one C call for a whole batch of keys.
+
+``Map.get_many``, ``put_many``, ``delete_many`` and ``incr_many`` are thin
+methods that land here. Two forms:
+
+- any map: keys (and values) as Python sequences of bytes-like objects (or
+  ``str`` keys), results as lists;
+- a typed map (``grid.map(name, key_dtype=..., value_dtype=...)``): keys and
+  values as numpy arrays of its dtypes (anything ``numpy.asarray`` turns
+  into one), results as numpy arrays, with no Python object per element.
+
+Each element has exactly the semantics of the single call and is
+linearizable on its own key; the batch is not a transaction (another process
+may see any part of it done, and a failing element does not undo the others).
+
+Elements whose key belongs to a partition another host owns (a mirrored
+map) go through the bridge one by one, as the single calls do.
+"""
+from __future__ import annotations
+
+from array import array
+from typing import Any, List, Optional, Sequence, Tuple
+
+from ._core import ffi, lib
+from .errors import _BY_CODE, InvalidArgument, RemoteUnavailable, ShmgridError, raise_for
+
+_EREMOTE = lib.SG_EREMOTE
+_ENOKEY = lib.SG_ENOKEY
+_GET_BUFFER = 1 << 20  # bytes of values per C call in the list form of get_many
+
+
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
+# ---- packing ------------------------------------------------------------------
+
+
+def _bytes_key(k: Any) -> bytes:
+    if type(k) is bytes:
+        return k
+    if isinstance(k, str):
+        return k.encode("utf-8")
+    if isinstance(k, (bytearray, memoryview)):
+        return bytes(k)
+    raise TypeError(f"map keys are bytes-like or str, not {type(k).__name__}")
+
+
+def _bytes_val(v: Any) -> bytes:
+    if type(v) is bytes:
+        return v
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    raise TypeError(f"map values are bytes-like, not {type(v).__name__} (encode it first)")
+
+
+class _Packed:
+    """Elements for the C call: concatenated bytes and their lengths (list
+    form), or a contiguous array at a fixed width (typed form)."""
+
+    __slots__ = ("items", "data", "lens", "width", "n", "keep")
+
+    def __init__(self, items: Optional[List[bytes]], data: Any, lens: Any, width: int, n: int, keep: Any) -> None:
+        self.items = items  # the elements as bytes (list form), for the per-key remote path
+        self.data = data
+        self.lens = lens
+        self.width = width
+        self.n = n
+        self.keep = keep  # what must outlive the call
+
+    @classmethod
+    def of_list(cls, elems: List[bytes]) -> "_Packed":
+        joined = b"".join(elems)
+        lens = array("I", map(len, elems))
+        return cls(elems, joined, ffi.from_buffer("uint32_t[]", lens) if elems else ffi.NULL, 0, len(elems),
+                   (joined, lens))
+
+    @classmethod
+    def of_array(cls, arr: Any) -> "_Packed":
+        return cls(None, ffi.from_buffer(arr) if arr.size else ffi.NULL, ffi.NULL, arr.dtype.itemsize, arr.size, arr)
+
+    def item(self, i: int) -> bytes:
+        if self.items is not None:
+            return self.items[i]
+        return self.keep[i:i + 1].tobytes()  # type: ignore[no-any-return]
+
+
+def _typed_keys(m: Any, keys: Any) -> Tuple[Any, Any]:
+    np = _np()
+    arr = np.ascontiguousarray(keys, dtype=m._kdt)
+    return arr.reshape(-1), arr.shape
+
+
+def _typed_values(m: Any, values: Any, shape: Any) -> Any:
+    np = _np()
+    arr = np.asarray(values, dtype=m._vdt)
+    if arr.shape != shape:
+        try:
+            arr = np.broadcast_to(arr, shape)
+        except ValueError:
+            raise InvalidArgument(f"values of shape {arr.shape} for keys of shape {shape}") from None
+    return np.ascontiguousarray(arr).reshape(-1)
+
+
+def _pack_keys(m: Any, keys: Any) -> Tuple[_Packed, Any]:
+    if m._kdt is not None:
+        arr, shape = _typed_keys(m, keys)
+        return _Packed.of_array(arr), shape
+    if isinstance(keys, (str, bytes, bytearray, memoryview)):
+        raise TypeError("keys must be a sequence of keys, not one key")
+    return _Packed.of_list([_bytes_key(k) for k in keys]), None
+
+
+# ---- per-element errors ---------------------------------------------------------
+
+
+def _element_error(status: Any, failed: Sequence[int], results: Any, what: str) -> ShmgridError:
+    """The exception for a batch with failed elements: the class of the first
+    one's error (NotAnInteger, IntegerOverflow, CapacityError...), with
+    ``failed`` (their indices, ascending) and ``results`` (what the call
+    returns otherwise; failed elements hold 0 / None) attached."""
+    first = failed[0]
+    code = int(status[first])
+    cls = _BY_CODE.get(code, ShmgridError)
+    msg = ffi.string(lib.sg_errmsg()).decode("utf-8", "replace")
+    e = cls(f"{what}: {len(failed)} of {len(status)} elements failed, the first at index {first}; the others "
+            f"were done (last failure: {msg or code})")
+    e.failed = list(failed)  # type: ignore[attr-defined]
+    e.results = results  # type: ignore[attr-defined]
+    return e
+
+
+def _check(rc: int) -> None:
+    if rc < 0:
+        raise_for(rc)
+
+
+class _Remote:
+    """Elements refused with SG_EREMOTE go through the bridge one by one, in
+    order; the first RemoteUnavailable stops the rest (each would wait for
+    the same unreachable owner), and is raised with ``failed`` listing every
+    remote element not done."""
+
+    def __init__(self, status: Any) -> None:
+        if isinstance(status, array):
+            self.idx = [i for i, s in enumerate(status) if s == _EREMOTE] if _EREMOTE in status else []
+        else:
+            self.idx = _np().nonzero(status == _EREMOTE)[0].tolist()
+
+    def run(self, fn: Any, results: Any) -> None:
+        for j, i in enumerate(self.idx):
+            try:
+                fn(i)
+            except RemoteUnavailable as e:
+                e.failed = self.idx[j:]  # type: ignore[attr-defined]
+                e.results = results  # type: ignore[attr-defined]
+                raise
+            except ShmgridError as e:  # the owner refused it (too large, not an int...)
+                e.failed = [i]  # type: ignore[attr-defined]
+                raise
+
+
+def _failures(status: Any, absent_ok: bool = False) -> List[int]:
+    """Indices of the elements that failed: a negative status other than
+    EREMOTE (handled apart) and, for get, ENOKEY (absent is an answer)."""
+    if not isinstance(status, array):
+        np = _np()
+        bad = (status < 0) & (status != _EREMOTE)
+        if absent_ok:
+            bad &= status != _ENOKEY
+        return [int(i) for i in np.nonzero(bad)[0]]
+    return [i for i, s in enumerate(status) if s < 0 and s != _EREMOTE and not (absent_ok and s == _ENOKEY)]
+
+
+def _status(n: int, typed: bool) -> Tuple[Any, Any]:
+    if typed:
+        st = _np().empty(n, dtype="i4")
+        return st, ffi.from_buffer("int32_t[]", st) if n else ffi.NULL
+    st = array("i", bytes(4 * n))
+    return st, ffi.from_buffer("int32_t[]", st) if n else ffi.NULL
+
+
+def _u64(n: int, typed: bool) -> Tuple[Any, Any]:
+    if typed:
+        a = _np().zeros(n, dtype="u8")
+        return a, ffi.from_buffer("uint64_t[]", a) if n else ffi.NULL
+    a = array("Q", bytes(8 * n))
+    return a, ffi.from_buffer("uint64_t[]", a) if n else ffi.NULL
+
+
+# ---- the calls --------------------------------------------------------------------
+
+
+def get_many(m: Any, keys: Any, default: Any = None, found: Any = None) -> Any:
+    pk, shape = _pack_keys(m, keys)
+    n = pk.n
+    typed = m._kdt is not None
+    status, cst = _status(n, typed)
+    if typed:
+        np = _np()
+        out = np.zeros(n, dtype=m._vdt)  # calloc: missing keys read as zeros unless default says otherwise
+        w = m._vdt.itemsize
+        rc = lib.sg_map_get_many(m._h, pk.data, pk.lens, pk.width, n, ffi.from_buffer(out) if n else ffi.NULL,
+                                 n * w, w, cst, ffi.NULL)
+        _check(rc)
+        bad = _failures(status, absent_ok=True)
+        if bad:
+            raise _element_error(status, bad, out, "get_many")
+        hit = status >= 0
+        if default is not None:
+            out[~hit] = default
+        if found is not None:
+            found[...] = hit.reshape(shape)
+        return out.reshape(shape)
+    # list form: values concatenated in a buffer, as many calls as it takes
+    res: List[Any] = [default] * n
+    cap = max(_GET_BUFFER, m._cap)
+    buf = ffi.new("char[]", cap)
+    view = ffi.buffer(buf, cap)
+    kbuf, lens = ffi.from_buffer(pk.data), pk.keep[1]
+    done = koff = 0
+    while done < n:  # each call does at least one element (cap >= max_value)
+        got = lib.sg_map_get_many(m._h, kbuf + koff, pk.lens + done, 0, n - done, buf, cap, 0, cst + done,
+                                  ffi.NULL)
+        _check(got)
+        koff += sum(lens[done:done + got])
+        raw = view[:]
+        off = 0
+        for i in range(done, done + got):
+            s = status[i]
+            if s >= 0:
+                res[i] = raw[off:off + s]
+                off += s
+        done += got
+    if found is not None:
+        for i in range(n):
+            found[i] = status[i] >= 0
+    return res
+
+
+def put_many(m: Any, keys: Any, values: Any) -> Any:
+    pk, shape = _pack_keys(m, keys)
+    n = pk.n
+    typed = m._kdt is not None
+    if typed:
+        pv = _Packed.of_array(_typed_values(m, values, shape))
+    else:
+        if isinstance(values, (bytes, bytearray, memoryview, str)):
+            raise TypeError("values must be a sequence of values, not one value")
+        pv = _Packed.of_list([_bytes_val(v) for v in values])
+        if pv.n != n:
+            raise InvalidArgument(f"{pv.n} values for {n} keys")
+    status, cst = _status(n, typed)
+    versions, cver = _u64(n, typed)
+    rc = lib.sg_map_put_many(m._h, pk.data, pk.lens, pk.width, pv.data, pv.lens, pv.width, n, cst, cver)
+    _check(rc)
+
+    def remote(i: int) -> None:
+        versions[i] = m._remote("put", pk.item(i), value=pv.item(i))["version"]
+
+    def result() -> Any:
+        return versions.reshape(shape) if typed else list(versions)
+
+    try:
+        _Remote(status).run(remote, None)
+    except RemoteUnavailable as e:
+        e.results = result()  # type: ignore[attr-defined]
+        raise
+    bad = _failures(status)
+    if bad:
+        raise _element_error(status, bad, result(), "put_many")
+    return result()
+
+
+def delete_many(m: Any, keys: Any) -> Any:
+    pk, shape = _pack_keys(m, keys)
+    n = pk.n
+    typed = m._kdt is not None
+    status, cst = _status(n, typed)
+    rc = lib.sg_map_delete_many(m._h, pk.data, pk.lens, pk.width, n, cst, ffi.NULL)
+    _check(rc)
+    remote_ok = {}
+
+    def remote(i: int) -> None:
+        remote_ok[i] = bool(m._remote("delete", pk.item(i))["ok"])
+
+    def result() -> Any:
+        if typed:
+            r = status == 0
+            for i, ok in remote_ok.items():
+                r[i] = ok
+            return r.reshape(shape)
+        return [remote_ok.get(i, s == 0) for i, s in enumerate(status)]
+
+    rem = _Remote(status)
+    try:
+        rem.run(remote, None)
+    except RemoteUnavailable as e:
+        e.results = result()  # type: ignore[attr-defined]
+        raise
+    bad = _failures(status)
+    if bad:
+        raise _element_error(status, bad, result(), "delete_many")
+    return result()
+
+
+def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
+    pk, shape = _pack_keys(m, keys)
+    n = pk.n
+    typed = m._kdt is not None
+    if typed:
+        np = _np()
+        m._check_int_values()
+        d = np.asarray(deltas)
+        if d.dtype.kind not in "iub":
+            raise TypeError(f"deltas must be integers, not {d.dtype}")
+        try:
+            d = np.ascontiguousarray(np.broadcast_to(d.astype("i8", casting="safe"), shape)).reshape(-1)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"deltas of shape {d.shape} (and type {d.dtype}) for keys of shape {shape}") from None
+        results = np.zeros(n, dtype="i8")
+        cres = ffi.from_buffer("int64_t[]", results) if n else ffi.NULL
+        cdel = ffi.from_buffer("int64_t[]", d) if n else ffi.NULL
+    else:
+        if isinstance(deltas, int):
+            dl = [deltas] * n
+        else:
+            dl = list(deltas)
+            if len(dl) != n:
+                raise InvalidArgument(f"{len(dl)} deltas for {n} keys")
+        for x in dl:
+            if not isinstance(x, int) or isinstance(x, bool) or not -(2**63) <= x < 2**63:
+                raise TypeError(f"deltas must be ints in the int64 range, got {x!r}")
+        d = array("q", dl)
+        results = array("q", bytes(8 * n))
+        cres = ffi.from_buffer("int64_t[]", results) if n else ffi.NULL
+        cdel = ffi.from_buffer("int64_t[]", d) if n else ffi.NULL
+    status, cst = _status(n, typed)
+    rc = lib.sg_map_incr_many(m._h, pk.data, pk.lens, pk.width, n, cdel, cres, cst, ffi.NULL)
+    _check(rc)
+
+    def remote(i: int) -> None:
+        results[i] = m._remote("incr", pk.item(i), delta=int(d[i]))["result"]
+
+    def result() -> Any:
+        return results.reshape(shape) if typed else list(results)
+
+    try:
+        _Remote(status).run(remote, None)
+    except RemoteUnavailable as e:
+        e.results = result()  # type: ignore[attr-defined]
+        raise
+    bad = _failures(status)
+    if bad:
+        raise _element_error(status, bad, result(), "incr_many")
+    return result()
