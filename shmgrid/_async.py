@@ -249,6 +249,8 @@ class Waiter:
                 elif now - idle_since >= IDLE_EXIT:
                     self.thread = None  # the next register starts a new one
                     return
+                if idle_since is not None:
+                    wake_at = min(wake_at, idle_since + IDLE_EXIT)
             if fired:
                 _dispatch(fired)
             timeout_ns = max(0, int((wake_at - _monotonic()) * 1e9))
@@ -292,12 +294,14 @@ def deadline_of(loop: asyncio.AbstractEventLoop, timeout: Optional[float]) -> Op
 
 
 async def wait_until(attempt: Callable[[], Any], event: Any, grid_h: Callable[[], Any], timeout: Optional[float],
-                     on_timeout: Callable[[], BaseException], owner: Any = None, slice_s: float = SLICE) -> Any:
+                     on_timeout: Callable[[], BaseException], owner: Any = None,
+                     slice_s: Optional[float] = None) -> Any:
     """Run ``attempt()`` (a non-blocking call) in this loop's thread until it
     returns something other than AGAIN, sleeping on ``event`` (a word from
     an sg_*_event call) in between; ``on_timeout()`` is raised when
     ``timeout`` seconds have passed. ``grid_h()`` gives the grid handle
-    (raising Closed if the grid is closed)."""
+    (raising Closed if the grid is closed). ``slice_s``: how often the
+    awaiters of the word probe without a wake-up (default SLICE)."""
     loop = asyncio.get_running_loop()
     deadline = deadline_of(loop, timeout)
     r = attempt()
@@ -305,6 +309,8 @@ async def wait_until(attempt: Callable[[], Any], event: Any, grid_h: Callable[[]
         return r
     v = ffi.new("uint32_t *")
     probed = False
+    if slice_s is None:
+        slice_s = SLICE
     while True:
         rc = lib.sg_event_arm(grid_h(), event, v)
         if rc:

@@ -51,7 +51,7 @@ def _writable(buf: Any) -> Any:
     array.array, numpy array...): its len() is the buffer's bytes."""
     try:
         return ffi.from_buffer(buf, require_writable=True)
-    except TypeError:
+    except (TypeError, BufferError):
         raise TypeError(f"get_into needs a writable contiguous buffer, not {type(buf).__name__}") from None
 
 
