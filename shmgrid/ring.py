@@ -79,6 +79,7 @@ class _Buffers(threading.local):
         if self.own is None:
             self.own = bytearray(max(1, self.slot_size))
             self.own_p = ffi.from_buffer(self.own)
+            self.own_ro = memoryview(self.own).toreadonly()
         return self.own_p
 
     def _make(self, max_items: int) -> None:
@@ -323,7 +324,7 @@ class Ring:
         shared ring: a cell is reused as soon as its message is taken.)"""
         b = self._buf
         n = self._get_to(b.for_view(), b.slot_size, timeout)
-        return memoryview(b.own).toreadonly()[0:n]
+        return b.own_ro[0:n]  # type: ignore[no-any-return]
 
     # ---- asyncio -------------------------------------------------------------------
 

@@ -150,7 +150,7 @@ class Subscription(OneThread):
     thread at a time (see OneThread): another thread gets Busy, and
     ``close()`` from another thread ends a blocked ``get`` with Closed."""
 
-    __slots__ = ("_topic", "_buf", "_view", "_cap", "_lost")
+    __slots__ = ("_topic", "_buf", "_view", "_cap", "_lost", "_ro")
     _what = "subscription"
 
     def __init__(self, topic: Topic, handle: Any) -> None:
@@ -160,6 +160,7 @@ class Subscription(OneThread):
         self._buf = ffi.new("char[]", max(1, self._cap))
         self._view = ffi.buffer(self._buf)
         self._lost = ffi.new("uint64_t *")
+        self._ro: Optional[memoryview] = None  # get_view's read-only view of _buf
 
     def get(self, timeout: Optional[float] = None) -> bytes:
         """The next message, waiting up to ``timeout`` seconds (None: no
@@ -186,7 +187,9 @@ class Subscription(OneThread):
         subscription overwrites its bytes: copy what must outlive that. It
         never points into the shared topic, whose cells publishers reuse."""
         n = self._get_to(self._buf, self._cap, timeout)
-        return memoryview(self._view).toreadonly()[0:n]
+        if self._ro is None:
+            self._ro = memoryview(self._view).toreadonly()
+        return self._ro[0:n]
 
     def _get_to(self, buf: Any, cap: int, timeout: Optional[float]) -> int:
         h = self._enter()
