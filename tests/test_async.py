@@ -31,6 +31,15 @@ def registrations():
     return _async.waiter().registrations()
 
 
+async def until_registered(n, timeout=20.0):
+    """Let the loop run until n awaits are asleep in the waiter thread."""
+    deadline = time.monotonic() + timeout
+    while registrations() < n:
+        assert time.monotonic() < deadline, f"{registrations()} of {n} awaits registered"
+        await asyncio.sleep(0.005)
+    assert registrations() == n
+
+
 def waiter_threads():
     return [t for t in threading.enumerate() if t.name == "shmgrid-async-waiter"]
 
@@ -134,8 +143,7 @@ def test_200_getters_on_one_ring_each_message_once(grid, grid_name):
 
     async def main():
         getters = [asyncio.create_task(r.get_async(timeout=60)) for _ in range(n_getters)]
-        await asyncio.sleep(0.05)
-        assert registrations() == n_getters  # all asleep, on one word
+        await until_registered(n_getters)  # all asleep, on one word
         assert len(waiter_threads()) == 1
         with Workers() as w:
             w.start("a", _produce, grid_name, "r", 0, per_producer, 0.001)
@@ -292,7 +300,13 @@ def test_closing_the_grid_ends_awaits_with_closed(grid_name):
     g = shmgrid.Grid.create(grid_name, size="16MiB")
     r = g.ring("r", slots=4, slot_size=8)
     lk = g.lock("l")
-    holder = threading.Thread(target=lambda: (lk.acquire(), time.sleep(0.3), None))
+    def hold():
+        lk.acquire()
+        time.sleep(0.3)
+        with pytest.raises(Closed):
+            lk.release()  # the grid is gone by then
+
+    holder = threading.Thread(target=hold)
 
     async def main():
         holder.start()
@@ -319,8 +333,7 @@ def test_more_distinct_words_than_futex_waitv_takes(grid):
 
     async def main():
         tasks = [asyncio.create_task(r.get_async(timeout=30)) for r in rings]
-        await asyncio.sleep(0.05)
-        assert registrations() == len(rings)
+        await until_registered(len(rings))
         order = list(range(len(rings)))
         random.Random(3).shuffle(order)
         threading.Thread(target=lambda: [rings[i].put(b"%d" % i) for i in order]).start()
