@@ -460,9 +460,10 @@ uint32_t sg_event_load(const uint32_t *ev);
 /* Bump a process-private word and wake its sleepers (interrupts a waitv). */
 void sg_event_poke(uint32_t *word);
 /* Sleep until one of the n words (1..SG_EVENT_WAITV_MAX) differs from its
- * value in vals, or timeout_ns (< 0: no limit) passes, or a signal: SG_OK
- * for all of these (the caller looks at the words), SG_ESYS if the kernel
- * has no futex_waitv (Linux < 5.16). */
+ * value in vals, or timeout_ns (< 0: no limit) passes, or a signal, or a
+ * word is found unmapped: SG_OK for all of these (the caller looks at the
+ * words again), SG_ESYS if the kernel has no futex_waitv (Linux < 5.16)
+ * or it failed otherwise. */
 int sg_event_waitv(uint32_t **words, const uint32_t *vals, uint32_t n, int64_t timeout_ns);
 /* CDEF END */
 

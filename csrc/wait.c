@@ -373,7 +373,10 @@ int sg_event_waitv(uint32_t **words, const uint32_t *vals, uint32_t n, int64_t t
     if (n == 0 || n > SG_EVENT_WAITV_MAX)
         return sg__fail(SG_EINVAL, "sg_event_waitv: %u words; 1..%d are allowed", n, SG_EVENT_WAITV_MAX);
     int rc = sg_futex_waitv(words, vals, n, timeout_ns < 0 ? UINT64_MAX : sg__mono_ns() + (uint64_t)timeout_ns);
-    if (rc == 0 || rc == EINTR)
+    /* EFAULT: a word's grid was closed between the caller's look at its
+     * registrations and this call; the registry no longer names the word,
+     * so the caller's next look drops it. */
+    if (rc == 0 || rc == EINTR || rc == EFAULT)
         return SG_OK;
     if (rc == ENOSYS)
         return sg__fail(SG_ESYS, "futex_waitv is not available (Linux >= 5.16 is needed)");

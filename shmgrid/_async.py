@@ -255,11 +255,8 @@ class Waiter:
                 _dispatch(fired)
             timeout_ns = max(0, int((wake_at - _monotonic()) * 1e9))
             if self.waitv:
-                rc = lib.sg_event_waitv(words, vals, n, timeout_ns)
-                if rc == lib.SG_ESYS:
-                    self.waitv = False
-                elif rc:
-                    raise_for(rc)
+                if lib.sg_event_waitv(words, vals, n, timeout_ns):
+                    self.waitv = False  # no futex_waitv here (ENOSYS): poll from now on
             else:
                 time.sleep(min(POLL, timeout_ns / 1e9))
 
