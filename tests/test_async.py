@@ -50,8 +50,9 @@ def _nothing_left_registered():
     assert registrations() == 0, "an await left a registration in the waiter thread"
 
 
-# a killed lock holder wakes nobody: only a probe finds it
-_NEEDS_PROBES = {"test_acquire_async_recovers_a_killed_holder"}
+# a killed lock holder or producer wakes nobody: only a probe finds it
+_NEEDS_PROBES = {"test_acquire_async_recovers_a_killed_holder",
+                 "test_awaiters_behind_a_dead_producers_cell_all_get_through"}
 
 
 @pytest.fixture(autouse=True)
@@ -702,3 +703,68 @@ def test_release_in_another_thread_is_refused(grid):
         lk.release()
 
     run(main())
+
+
+# ---- crash: a producer killed inside its claim -----------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_awaiters_behind_a_dead_producers_cell_all_get_through(grid):
+    """Freeze a producer between its claim and its publish, queue markers
+    behind the claimed cell, and await them with several tasks; SIGKILL the
+    producer. Nothing wakes the awaiters (the producer never publishes): the
+    oldest one's probe skips the dead cell, and each one that gets through
+    sends the next to re-try, so all the markers arrive within the bound
+    the blocking readers meet (one probe slice, not one per awaiter)."""
+    from test_messaging_crash import BIG, STUCK_SKIP_LIMIT, Procs, Shared, catch_mid_claim, frozen_producer, wait_ready
+
+    rnd = random.Random(0xA57C)
+    r = grid.ring("stuck", slots=128, slot_size=BIG)
+    sh, procs = Shared(), Procs()
+    n_markers = 6
+
+    def drain():
+        while True:
+            try:
+                r.get_nowait()
+            except Empty:
+                return
+
+    def stuck():
+        st = r.stats()
+        return st["tail"] - st["head"]
+
+    try:
+        for _ in range(20):
+            sh.reset()
+            p = procs.start(frozen_producer, r, sh, 1)
+            wait_ready(sh, {0: p})
+            n = catch_mid_claim(p, drain, stuck, rnd)
+            if n:
+                break
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(5)
+            drain()
+        else:
+            pytest.skip("could not freeze a producer mid-claim")
+        s0 = r.stats()
+        for i in range(n_markers):
+            r.put(b"marker%d" % i, timeout=1)
+
+        async def main():
+            tasks = [asyncio.create_task(r.get_async(timeout=10)) for _ in range(n_markers)]
+            await until_registered(n_markers)
+            await asyncio.sleep(0.02)
+            assert not any(t.done() for t in tasks)  # stuck behind the live claimant
+            t_kill = time.monotonic()
+            os.kill(p.pid, signal.SIGKILL)
+            got = await asyncio.gather(*tasks)
+            return got, time.monotonic() - t_kill
+
+        got, latency = run(main())
+        p.join(5)
+        assert sorted(got) == [b"marker%d" % i for i in range(n_markers)]
+        assert r.stats()["skipped"] - s0["skipped"] == n
+        assert latency < STUCK_SKIP_LIMIT, f"{latency * 1e3:.0f} ms to get past a dead producer's cell"
+    finally:
+        procs.kill_all()
