@@ -195,6 +195,8 @@ static int sg__watch_ready(void *ctx)
     return sg_load_relaxed(&w->m->recs[w->cursor % w->m->feed_slots].seq) >= SG_FEED_PUB(w->cursor);
 }
 
+uint32_t *sg_watch_event(sg_watch *w) { return w->m->g->base ? &w->m->feed->published : NULL; }
+
 int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns)
 {
     SG_CHECK_GRID(w->m->g);

@@ -333,6 +333,13 @@ int64_t sg_ring_get_many(sg_ring *r, char *out, size_t cap, uint32_t *lens, size
     return sg__ring_wait(r, 0, NULL, NULL, max, out, cap, lens, timeout_ns);
 }
 
+uint32_t *sg_ring_event(sg_ring *r, int put)
+{
+    if (!r->g->base)
+        return NULL;
+    return put ? &r->hdr->not_full : &r->hdr->not_empty;
+}
+
 int sg_ring_info_get(sg_ring *r, sg_ring_info *out)
 {
     SG_CHECK_GRID(r->g);

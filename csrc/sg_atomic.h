@@ -83,6 +83,7 @@ static inline uint32_t sg_load32_relaxed(const uint32_t *p) { return __atomic_lo
 static inline void sg_store32_release(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline void sg_store32_relaxed(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t sg_fetch_or32_seq_cst(uint32_t *p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t sg_fetch_add32_relaxed(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline bool sg_cas32_relaxed(uint32_t *p, uint32_t *expected, uint32_t desired)
 {
     return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
@@ -215,6 +216,50 @@ static inline int sg_futex_wait(uint32_t *word, uint32_t expected, int64_t timeo
 static inline void sg_futex_wake_all(uint32_t *word)
 {
     syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* Sleep until any of n words (n <= SG_FUTEX_WAITV_MAX) no longer holds its
+ * expected value, or until the absolute CLOCK_MONOTONIC time deadline_ns
+ * (UINT64_MAX: no limit). futex_waitv (Linux 5.16) checks every word and
+ * queues the sleeper on all of them in one step, exactly as FUTEX_WAIT does
+ * for one word, so a change made after the caller read a word either makes
+ * the call return at once or wakes it. Shared futexes (no FUTEX2_PRIVATE),
+ * like every other futex call here, so that a FUTEX_WAKE on the same word
+ * (shared memory or not) finds the sleeper.
+ * Returns 0 when woken, when a word had changed already, or at the
+ * deadline; ENOSYS on a kernel without futex_waitv; EINTR on a signal. */
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449 /* the same number on every architecture */
+#endif
+#define SG_FUTEX_WAITV_MAX 128
+#define SG_FUTEX_SIZE_U32 0x02
+struct sg_futex_waitv {
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+static inline int sg_futex_waitv(uint32_t *const *words, const uint32_t *vals, uint32_t n, uint64_t deadline_ns)
+{
+    struct sg_futex_waitv v[SG_FUTEX_WAITV_MAX];
+    if (n == 0 || n > SG_FUTEX_WAITV_MAX)
+        return EINVAL;
+    for (uint32_t i = 0; i < n; i++) {
+        v[i].val = vals[i];
+        v[i].uaddr = (uint64_t)(uintptr_t)words[i];
+        v[i].flags = SG_FUTEX_SIZE_U32;
+        v[i].reserved = 0;
+    }
+    struct timespec ts, *tp = NULL;
+    if (deadline_ns != UINT64_MAX) {
+        ts.tv_sec = (time_t)(deadline_ns / 1000000000u);
+        ts.tv_nsec = (long)(deadline_ns % 1000000000u);
+        tp = &ts;
+    }
+    if (syscall(SYS_futex_waitv, v, n, 0, tp, CLOCK_MONOTONIC) >= 0)
+        return 0;
+    return errno == EAGAIN || errno == ETIMEDOUT ? 0 : errno;
 }
 
 #endif /* SG_ATOMIC_H */

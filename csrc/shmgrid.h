@@ -449,6 +449,7 @@ int64_t sg_iter_records(sg_iter *it, char *out, size_t cap, uint32_t nparts, con
  * needed); SG_EAGAIN if nothing happened. */
 int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, const uint8_t *mask, uint64_t *lost,
                          int64_t timeout_ns);
+
 /* ---- typed maps and batch calls ------------------------------------------
  *
  * A typed map holds fixed-width keys and values: ktype and vtype describe
@@ -498,6 +499,39 @@ int64_t sg_map_delete_many(sg_map *m, const char *keys, const uint32_t *klens, u
 /* results[i]: the new value (as sg_map_incr), for elements whose status is SG_OK. */
 int64_t sg_map_incr_many(sg_map *m, const char *keys, const uint32_t *klens, uint32_t kwidth, size_t n,
                          const int64_t *deltas, int64_t *results, int32_t *status, uint64_t *versions);
+
+/* ---- waiting from an event loop ---------------------------------------------
+ *
+ * For a waiter that must not block its thread (the asyncio layer): take the
+ * event word an object's blocking calls sleep on, arm it, re-try the
+ * non-blocking call, and if that still cannot proceed, sleep (in one helper
+ * thread for many such waiters) until the word is no longer the armed value.
+ * Waking then means "re-try", never "it is yours".
+ */
+#define SG_EVENT_WAITV_MAX 128
+/* The word sleepers of the object wait on (NULL if the grid is closed):
+ * ring put (put = 1) or get, topic publish, subscription get, watch next,
+ * lock acquire. It lives in the grid's mapping: never touch it after the
+ * grid is closed. */
+uint32_t *sg_ring_event(sg_ring *r, int put);
+uint32_t *sg_topic_event(sg_topic *t);
+uint32_t *sg_sub_event(sg_sub *s);
+uint32_t *sg_watch_event(sg_watch *w);
+uint32_t *sg_lock_event(sg_lock *l);
+/* Announce a sleeper on ev (as a blocking call does before it sleeps) and
+ * give the value to sleep on in *v. The caller must then re-try its
+ * non-blocking call before it sleeps on (ev, *v). SG_ECLOSED if g is closed. */
+int sg_event_arm(sg_grid *g, uint32_t *ev, uint32_t *v);
+/* A relaxed load of an event word (moved since armed = re-try). */
+uint32_t sg_event_load(const uint32_t *ev);
+/* Bump a process-private word and wake its sleepers (interrupts a waitv). */
+void sg_event_poke(uint32_t *word);
+/* Sleep until one of the n words (1..SG_EVENT_WAITV_MAX) differs from its
+ * value in vals, or timeout_ns (< 0: no limit) passes, or a signal, or a
+ * word is found unmapped: SG_OK for all of these (the caller looks at the
+ * words again), SG_ESYS if the kernel has no futex_waitv (Linux < 5.16)
+ * or it failed otherwise. */
+int sg_event_waitv(uint32_t **words, const uint32_t *vals, uint32_t n, int64_t timeout_ns);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

@@ -220,6 +220,8 @@ int sg_lock_release(sg_lock *l)
     return SG_OK;
 }
 
+uint32_t *sg_lock_event(sg_lock *l) { return l->g->base ? &l->hdr->event : NULL; }
+
 int sg_lock_info_get(sg_lock *l, sg_lock_info *out)
 {
     SG_CHECK_GRID(l->g);

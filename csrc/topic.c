@@ -415,6 +415,10 @@ int64_t sg_sub_get(sg_sub *s, char *out, size_t cap, int64_t timeout_ns, uint64_
     return sg__wait(&w, timeout_ns);
 }
 
+uint32_t *sg_topic_event(sg_topic *t) { return t->g->base ? &t->hdr->advanced : NULL; }
+
+uint32_t *sg_sub_event(sg_sub *s) { return s->t->g->base ? &s->t->hdr->published : NULL; }
+
 int64_t sg_sub_pending(sg_sub *s)
 {
     SG_CHECK_GRID(s->t->g);

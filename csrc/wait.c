@@ -330,3 +330,55 @@ int64_t sg__wait(const sg__waiter *w, int64_t timeout_ns)
             return rc;
     }
 }
+
+/* ------------------------------------------------------------------------ */
+/* waiting from an event loop                                               */
+
+/*
+ * The asyncio layer (shmgrid/_async.py) does not block a thread per waiter.
+ * A coroutine that finds it cannot proceed arms the object's event word
+ * (sg_event_arm: the same seq_cst RMW + fence as a blocking sleeper's
+ * sg__event_prepare), re-tries its non-blocking call, and only then hands
+ * (word, armed value) to the one waiter thread of its process, which sleeps
+ * on all such words at once (sg_event_waitv) and tells the coroutine when
+ * its word moved. Because the arm is the blocking sleeper's own half of
+ * SYNC POINT: event, a waker either sees W and bumps the word (so the
+ * waiter thread's futex_waitv returns or is woken) or made its change
+ * before the coroutine's re-try, which then sees it.
+ */
+
+_Static_assert(SG_EVENT_WAITV_MAX == SG_FUTEX_WAITV_MAX, "sg_event_waitv passes its words to one futex_waitv");
+
+int sg_event_arm(sg_grid *g, uint32_t *ev, uint32_t *v)
+{
+    SG_CHECK_GRID(g);
+    /* SYNC POINT: event (sleeper), via the loop thread: set W, then the
+     * caller re-checks its condition with a non-blocking call */
+    *v = sg__event_prepare(ev);
+    return SG_OK;
+}
+
+uint32_t sg_event_load(const uint32_t *ev) { return sg_load32_relaxed(ev); }
+
+void sg_event_poke(uint32_t *word)
+{
+    /* Process-private: registrations are published by the registry's
+     * mutex; the bump only has to make the waiter's futex_waitv return. */
+    sg_fetch_add32_relaxed(word, 1);
+    sg_futex_wake_all(word);
+}
+
+int sg_event_waitv(uint32_t **words, const uint32_t *vals, uint32_t n, int64_t timeout_ns)
+{
+    if (n == 0 || n > SG_EVENT_WAITV_MAX)
+        return sg__fail(SG_EINVAL, "sg_event_waitv: %u words; 1..%d are allowed", n, SG_EVENT_WAITV_MAX);
+    int rc = sg_futex_waitv(words, vals, n, timeout_ns < 0 ? UINT64_MAX : sg__mono_ns() + (uint64_t)timeout_ns);
+    /* EFAULT: a word's grid was closed between the caller's look at its
+     * registrations and this call; the registry no longer names the word,
+     * so the caller's next look drops it. */
+    if (rc == 0 || rc == EINTR || rc == EFAULT)
+        return SG_OK;
+    if (rc == ENOSYS)
+        return sg__fail(SG_ESYS, "futex_waitv is not available (Linux >= 5.16 is needed)");
+    return sg__fail(SG_ESYS, "futex_waitv: %s", strerror(rc));
+}

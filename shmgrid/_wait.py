@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ._core import ffi, lib
 from .errors import Busy, Closed, InvalidArgument, raise_for
@@ -21,6 +21,8 @@ SLICE_NS = 100_000_000
 _EAGAIN = lib.SG_EAGAIN
 _EINTR = lib.SG_EINTR
 _monotonic = time.monotonic
+# Called with a OneThread being closed: the asyncio layer wakes its awaiters.
+_close_hooks: List[Callable[[Any], None]] = []
 
 
 def start(timeout: Optional[float]) -> Tuple[Optional[float], int]:
@@ -112,6 +114,8 @@ class OneThread:
     def close(self) -> None:
         """Idempotent; safe from another thread than the one inside."""
         self._closing = True
+        for hook in _close_hooks:
+            hook(self)
         with self._lock:
             if self._h is not None:
                 h, self._h = self._h, None

@@ -118,6 +118,10 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+# Called with the C handle just before a grid is unmapped: the asyncio
+# waiter thread (shmgrid/_async.py) stops watching the words inside it.
+_close_hooks: List[Callable[[Any], None]] = []
+
 
 class Grid:
     """A shared-memory grid. Make one with :meth:`create`, :meth:`attach` or
@@ -176,6 +180,8 @@ class Grid:
         unlinks."""
         if not self._closed:
             self._closed = True
+            for hook in _close_hooks:
+                hook(self._h)
             lib.sg_grid_close(self._h)
             _open_grids.discard(self)
 

@@ -15,6 +15,7 @@ import struct
 import threading
 from typing import Any, Dict, Iterable, List, Optional
 
+from . import _async
 from ._core import ffi, lib
 from ._wait import SLICE_NS, start, until, wait_more
 from .errors import Empty, Full, InvalidArgument, raise_for
@@ -23,6 +24,7 @@ from .grid import cname
 __all__ = ["Ring"]
 
 _put = lib.sg_ring_put
+_get = lib.sg_ring_get
 _io_get = lib.sg_ring_io_get
 _io_get_many = lib.sg_ring_io_get_many
 _unpack_from = struct.unpack_from
@@ -44,6 +46,15 @@ def _blob(data: Any) -> bytes:
     raise TypeError(f"messages are bytes-like, not {type(data).__name__}")
 
 
+def _writable(buf: Any) -> Any:
+    """A char[] over a writable, contiguous buffer (bytearray, memoryview,
+    array.array, numpy array...): its len() is the buffer's bytes."""
+    try:
+        return ffi.from_buffer(buf, require_writable=True)
+    except (TypeError, BufferError):
+        raise TypeError(f"get_into needs a writable contiguous buffer, not {type(buf).__name__}") from None
+
+
 def _positive(arg: str, v: Optional[int]) -> int:
     if v is None:
         return 0
@@ -60,6 +71,16 @@ class _Buffers(threading.local):
     def __init__(self, h: Any, slot_size: int) -> None:
         self.h, self.slot_size = h, slot_size
         self._make(1)
+        self.own: Optional[bytearray] = None  # get_view's buffer, made on first use
+
+    def for_view(self) -> Any:
+        """get_view's buffer: never resized or freed while a view of it lives
+        (a view only ever sees a later message's bytes, never freed memory)."""
+        if self.own is None:
+            self.own = bytearray(max(1, self.slot_size))
+            self.own_p = ffi.from_buffer(self.own)
+            self.own_ro = memoryview(self.own).toreadonly()
+        return self.own_p
 
     def _make(self, max_items: int) -> None:
         io = lib.sg_ring_io_new(self.h, max_items)
@@ -273,3 +294,74 @@ class Ring:
         else:
             fmt = "s".join(map(str, io.lens[0:k])) + "s"
         return list(_unpack_from(fmt, b.view))
+
+    # ---- zero-copy reads ---------------------------------------------------------
+
+    def get_into(self, buf: Any, timeout: Optional[float] = None) -> int:
+        """Dequeue the next message into ``buf`` (a writable contiguous
+        buffer: bytearray, memoryview, array, numpy array) and return its
+        length; the copy goes straight from the ring's cell into ``buf``.
+        ``buf`` must hold ``slot_size`` bytes (InvalidArgument otherwise,
+        raised before anything is taken: no message is lost). Waits as
+        ``get`` does; Empty on timeout."""
+        p = _writable(buf)
+        return self._get_to(p, len(p), timeout)
+
+    def _get_to(self, p: Any, cap: int, timeout: Optional[float]) -> int:
+        h = self._h
+        deadline, ns = start(timeout)
+        n = _get(h, p, cap, ns)
+        if n < 0:
+            n = wait_more(lambda t: _get(h, p, cap, t), n, deadline, lambda: Empty(f"ring {self._name!r} is empty"))
+        return n  # type: ignore[no-any-return]
+
+    def get_view(self, timeout: Optional[float] = None) -> memoryview:
+        """Dequeue the next message and return a read-only memoryview of it
+        in a buffer private to this ring handle and this thread: no bytes
+        object is made. The view stays readable for good, but its bytes are
+        overwritten by the next ``get_view`` on this ring in this thread:
+        copy (``bytes(v)``) what must outlive it. (It never points into the
+        shared ring: a cell is reused as soon as its message is taken.)"""
+        b = self._buf
+        n = self._get_to(b.for_view(), b.slot_size, timeout)
+        return b.own_ro[0:n]  # type: ignore[no-any-return]
+
+    # ---- asyncio -------------------------------------------------------------------
+
+    async def get_async(self, timeout: Optional[float] = None) -> bytes:
+        """``get`` for a coroutine: awaits a message without blocking the
+        event loop (see README, "asyncio"). The message is taken in the
+        loop's thread only when the await ends, so a cancelled
+        ``get_async`` has taken nothing."""
+        io, view = self._buf.pair
+
+        def attempt() -> Any:
+            n = _io_get(io, 0)
+            if n >= 0:
+                return view[0:n]
+            if n == _EAGAIN:
+                return _async.AGAIN
+            raise_for(n)
+
+        return await _async.wait_until(attempt, self._event(0), self._grid._handle, timeout,  # type: ignore[no-any-return]
+                                       lambda: Empty(f"ring {self._name!r} is empty"))
+
+    async def put_async(self, data: Any, timeout: Optional[float] = None) -> None:
+        """``put`` for a coroutine: awaits room without blocking the event
+        loop. A cancelled ``put_async`` has enqueued nothing."""
+        p = data if type(data) is bytes else _payload(data)
+        h = self._h
+
+        def attempt() -> Any:
+            rc = _put(h, p, len(p), 0)
+            if rc == 0:
+                return None
+            if rc == _EAGAIN:
+                return _async.AGAIN
+            raise_for(rc)
+
+        await _async.wait_until(attempt, self._event(1), self._grid._handle, timeout,
+                                lambda: Full(f"ring {self._name!r} is full"))
+
+    def _event(self, put: int) -> Any:
+        return _async.check_open(lib.sg_ring_event(self._h, put), f"ring {self._name!r}")

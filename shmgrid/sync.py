@@ -14,9 +14,11 @@ raises LockNotHeld.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any, Dict, Optional
 
+from . import _async
 from ._core import ffi, lib
 from ._wait import SLICE_NS, start, wait_more
 from .errors import InvalidArgument, LockOwnerDied, raise_for
@@ -27,6 +29,10 @@ __all__ = ["Counter", "Lock"]
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _EAGAIN = lib.SG_EAGAIN
 _OWNERDIED = lib.SG_OWNERDIED
+# (thread id, lock word address) -> the Gate its loop's tasks queue on,
+# for each lock a task holds through acquire_async; release() hands the
+# gate on. Empty unless acquire_async is used.
+_async_held: Dict[Any, "_async.Gate"] = {}
 
 
 def _i64(arg: str, v: Any) -> int:
@@ -161,6 +167,65 @@ class Lock:
         rc = lib.sg_lock_release(self._h)
         if rc:
             raise_for(rc)
+        if _async_held:
+            gate = _async_held.pop((threading.get_ident(), self._key()), None)
+            if gate is not None:
+                gate.release()
+
+    def _key(self) -> int:
+        return _async._addr(_async.check_open(lib.sg_lock_event(self._h), f"lock {self._name!r}"))
+
+    async def acquire_async(self, timeout: Optional[float] = None, *, raise_if_owner_died: bool = False) -> bool:
+        """``acquire`` for a coroutine: awaits the lock without blocking the
+        event loop (see README, "asyncio"). The lock is owned by the loop's
+        thread, so ``release()`` must be called in that thread, by the task
+        that holds it. Tasks of one loop queue for it in FIFO order (for
+        the shared lock they are one thread). True if taken, False on
+        timeout. A cancelled ``acquire_async`` does not hold the lock: it is
+        taken by a non-blocking call only after the last ``await``."""
+        loop = asyncio.get_running_loop()
+        deadline = _async.deadline_of(loop, timeout)
+        key = self._key()
+        gate = _async.gate(loop, key)
+        if not await gate.acquire(loop, deadline):
+            return False
+        h = self._h
+
+        def attempt() -> Any:
+            rc = lib.sg_lock_acquire(h, 0)
+            if rc >= 0:
+                return rc
+            if rc == _EAGAIN:
+                return _async.AGAIN
+            raise_for(rc)
+
+        try:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            rc = await _async.wait_until(attempt, self._event(), self._grid._handle, left, _TimedOut,
+                                         slice_s=_async.LOCK_SLICE)
+        except _TimedOut:
+            gate.release()
+            return False
+        except BaseException:
+            gate.release()
+            raise
+        # No await from the C acquire to here: a cancellation cannot land
+        # between taking the lock and recording who must release the gate.
+        _async_held[(threading.get_ident(), key)] = gate
+        self.owner_died = rc == _OWNERDIED
+        if self.owner_died and raise_if_owner_died:
+            raise LockOwnerDied(f"lock {self._name!r} acquired; its previous owner died holding it")
+        return True
+
+    def _event(self) -> Any:
+        return _async.check_open(lib.sg_lock_event(self._h), f"lock {self._name!r}")
+
+    async def __aenter__(self) -> "Lock":
+        await self.acquire_async()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
     def locked(self) -> bool:
         """Whether some live or dead thread holds it now (a snapshot)."""

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from . import _async
 from ._core import ffi, lib
 from ._wait import SLICE_NS, OneThread, start, wait_more
 from .errors import Empty, Full, InvalidArgument, Lapped, raise_for
 from .grid import cname
-from .ring import _payload, _positive
+from .ring import _payload, _positive, _writable
 
 __all__ = ["Topic", "Subscription"]
 
@@ -115,6 +116,25 @@ class Topic:
                       lambda: Full(f"topic {self._name!r} is full: a subscriber is a whole capacity behind, "
                                    "or another publisher is still writing the message one capacity back"))
 
+    async def publish_async(self, data: Any, timeout: Optional[float] = None) -> None:
+        """``publish`` for a coroutine: awaits room (lossless: the slowest
+        subscriber) without blocking the event loop. A cancelled
+        ``publish_async`` has published nothing."""
+        p = data if type(data) is bytes else _payload(data)
+        h = self._h
+
+        def attempt() -> Any:
+            rc = _publish(h, p, len(p), 0)
+            if rc == 0:
+                return None
+            if rc == _EAGAIN:
+                return _async.AGAIN
+            raise_for(rc)
+
+        ev = _async.check_open(lib.sg_topic_event(h), f"topic {self._name!r}")
+        await _async.wait_until(attempt, ev, self._grid._handle, timeout,
+                                lambda: Full(f"topic {self._name!r} is full: a subscriber is a whole capacity behind"))
+
     def subscribe(self) -> "Subscription":
         """A new subscription: it sees every message published from now on."""
         out = ffi.new("sg_sub **")
@@ -130,7 +150,7 @@ class Subscription(OneThread):
     thread at a time (see OneThread): another thread gets Busy, and
     ``close()`` from another thread ends a blocked ``get`` with Closed."""
 
-    __slots__ = ("_topic", "_buf", "_view", "_cap", "_lost")
+    __slots__ = ("_topic", "_buf", "_view", "_cap", "_lost", "_ro")
     _what = "subscription"
 
     def __init__(self, topic: Topic, handle: Any) -> None:
@@ -140,6 +160,7 @@ class Subscription(OneThread):
         self._buf = ffi.new("char[]", max(1, self._cap))
         self._view = ffi.buffer(self._buf)
         self._lost = ffi.new("uint64_t *")
+        self._ro: Optional[memoryview] = None  # get_view's read-only view of _buf
 
     def get(self, timeout: Optional[float] = None) -> bytes:
         """The next message, waiting up to ``timeout`` seconds (None: no
@@ -147,9 +168,33 @@ class Subscription(OneThread):
         were overwritten before this subscriber read them (``.lost`` counts
         positions, including any whose publisher died mid-publish); the next
         call returns the oldest message still retained."""
+        return self._view[0:self._get_to(self._buf, self._cap, timeout)]  # type: ignore[no-any-return]
+
+    def get_into(self, buf: Any, timeout: Optional[float] = None) -> int:
+        """The next message copied straight from the topic's cell into
+        ``buf`` (a writable contiguous buffer: bytearray, memoryview, array,
+        numpy array); returns its length. ``buf`` must hold ``max_message``
+        bytes (InvalidArgument otherwise, raised before anything is read:
+        the message stays next). Waits, times out and raises Lapped as
+        ``get`` does."""
+        p = _writable(buf)
+        return self._get_to(p, len(p), timeout)
+
+    def get_view(self, timeout: Optional[float] = None) -> memoryview:
+        """The next message as a read-only memoryview of this
+        subscription's own buffer (no bytes object is made). It stays
+        readable for good, but the next ``get``/``get_view`` on this
+        subscription overwrites its bytes: copy what must outlive that. It
+        never points into the shared topic, whose cells publishers reuse."""
+        n = self._get_to(self._buf, self._cap, timeout)
+        if self._ro is None:
+            self._ro = memoryview(self._view).toreadonly()
+        return self._ro[0:n]
+
+    def _get_to(self, buf: Any, cap: int, timeout: Optional[float]) -> int:
         h = self._enter()
         try:
-            buf, cap, lost = self._buf, self._cap, self._lost
+            lost = self._lost
 
             def call(ns: int) -> int:
                 n = _sub_get(h, buf, cap, ns, lost)
@@ -157,8 +202,40 @@ class Subscription(OneThread):
                     raise Lapped(lost[0])
                 return n  # type: ignore[no-any-return]
 
-            n = self._wait(call, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))
-            return self._view[0:n]  # type: ignore[no-any-return]
+            return self._wait(call, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))  # type: ignore[no-any-return]
+        finally:
+            self._leave()
+
+    async def get_async(self, timeout: Optional[float] = None) -> bytes:
+        """``get`` for a coroutine: awaits the next message without blocking
+        the event loop (see README, "asyncio"). Several tasks of one loop
+        may await one subscription (each message goes to one of them); a
+        thread other than the loop's gets Busy while a read is under way,
+        as for ``get``. ``close()`` ends the await with Closed; a cancelled
+        ``get_async`` has read nothing."""
+        buf, cap, lost, view = self._buf, self._cap, self._lost, self._view
+
+        def attempt() -> Any:
+            h = self._enter()
+            try:
+                n = _sub_get(h, buf, cap, 0, lost)
+            finally:
+                self._leave()
+            if n >= 0:
+                return view[0:n]
+            if n == _EAGAIN:
+                return _async.AGAIN
+            if n == _ELAPPED:
+                raise Lapped(lost[0])
+            raise_for(n)
+
+        return await _async.wait_until(attempt, self._event(), self._topic._grid._handle, timeout,  # type: ignore[no-any-return]
+                                       lambda: Empty(f"no message on topic {self._topic.name!r}"), owner=self)
+
+    def _event(self) -> Any:
+        h = self._enter()
+        try:
+            return _async.check_open(lib.sg_sub_event(h), "subscription")
         finally:
             self._leave()
 
@@ -184,3 +261,10 @@ class Subscription(OneThread):
 
     def __next__(self) -> bytes:
         return self.get()
+
+    def __aiter__(self) -> "Subscription":
+        """Messages as they come, awaited (``async for msg in sub``)."""
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self.get_async()

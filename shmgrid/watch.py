@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
+from . import _async
 from ._core import ffi, lib
 from ._wait import OneThread
 from .errors import Empty, raise_for
@@ -36,6 +37,7 @@ __all__ = ["ChangeEvent", "Watch", "FEED_SLOTS"]
 FEED_SLOTS: int = lib.SG_FEED_SLOTS
 _KINDS = {lib.SG_CHANGE_PUT: "put", lib.SG_CHANGE_DELETE: "delete", lib.SG_CHANGE_LOST: "lost"}
 _next = lib.sg_watch_next
+_EAGAIN = lib.SG_EAGAIN
 
 
 class ChangeEvent(NamedTuple):
@@ -84,9 +86,47 @@ class Watch(OneThread):
     def get_nowait(self) -> ChangeEvent:
         return self.get(0)
 
+    async def get_async(self, timeout: Optional[float] = None) -> ChangeEvent:
+        """``get`` for a coroutine: awaits the next change without blocking
+        the event loop (see README, "asyncio"). ``close()`` ends the await
+        with Closed; a cancelled ``get_async`` has read nothing."""
+        kbuf, kcap, ev, kview = self._kbuf, len(self._kbuf), self._ev, self._kview
+
+        def attempt() -> Any:
+            h = self._enter()
+            try:
+                rc = _next(h, kbuf, kcap, ev, 0)
+            finally:
+                self._leave()
+            if rc == _EAGAIN:
+                return _async.AGAIN
+            if rc < 0:
+                raise_for(rc)
+            kind = _KINDS[ev.kind]
+            if kind == "lost":
+                return ChangeEvent("lost", None, 0, ev.lost)
+            return ChangeEvent(kind, kview[0:ev.klen], ev.version)
+
+        return await _async.wait_until(attempt, self._event(), self._map._grid._handle, timeout,  # type: ignore[no-any-return]
+                                       lambda: Empty("no change"), owner=self)
+
+    def _event(self) -> Any:
+        h = self._enter()
+        try:
+            return _async.check_open(lib.sg_watch_event(h), "watch")
+        finally:
+            self._leave()
+
     def __iter__(self) -> "Watch":
         """Changes as they come, blocking."""
         return self
 
     def __next__(self) -> ChangeEvent:
         return self.get()
+
+    def __aiter__(self) -> "Watch":
+        """Changes as they come, awaited: ``async for ev in m.watch()``."""
+        return self
+
+    async def __anext__(self) -> ChangeEvent:
+        return await self.get_async()

@@ -583,3 +583,88 @@ def test_use_after_grid_close_raises_closed(grid_name):
     # the data is still in the segment for whoever attaches
     with shmgrid.Grid.attach(grid_name) as g2:
         assert g2.ring("r").get_nowait() == b"before"
+
+
+# ---- zero-copy reads -------------------------------------------------------------
+
+
+def test_get_into_fills_any_writable_buffer(grid):
+    import array
+
+    r = grid.ring("zc", slots=4, slot_size=16)
+    r.put(b"hello")
+    ba = bytearray(16)
+    assert r.get_into(ba) == 5 and ba[:5] == b"hello"
+    r.put(b"\x01\x00\x00\x00\x02\x00\x00\x00")
+    arr = array.array("i", [0] * 4)  # 16 bytes
+    assert r.get_into(arr) == 8 and arr.tolist()[:2] == [1, 2]
+    r.put(b"view")
+    big = bytearray(64)
+    mv = memoryview(big)[8:24]
+    assert r.get_into(mv) == 4 and big[8:12] == b"view"
+
+
+def test_get_into_too_small_or_read_only_loses_nothing(grid):
+    r = grid.ring("zc", slots=4, slot_size=16)
+    r.put(b"abc")
+    with pytest.raises(InvalidArgument, match="slot_size"):
+        r.get_into(bytearray(15))  # smaller than the largest message the ring may hold
+    with pytest.raises(TypeError):
+        r.get_into(b"x" * 16)
+    with pytest.raises(TypeError):
+        r.get_into(memoryview(bytearray(32))[::2])  # not contiguous
+    assert len(r) == 1 and r.get_nowait() == b"abc"
+
+
+def test_get_into_times_out_like_get(grid):
+    r = grid.ring("zc", slots=4, slot_size=16)
+    with pytest.raises(Empty):
+        r.get_into(bytearray(16), timeout=0.05)
+    with pytest.raises(Empty):
+        r.get_into(bytearray(16), timeout=0)
+
+
+def test_get_view_is_readonly_and_reused_per_thread(grid):
+    r = grid.ring("zc", slots=4, slot_size=16)
+    r.put(b"first")
+    r.put(b"second!")
+    v1 = r.get_view()
+    assert v1 == b"first" and v1.readonly
+    with pytest.raises(TypeError):
+        v1[0] = 0
+    kept = bytes(v1)
+    v2 = r.get_view()
+    assert v2 == b"second!" and kept == b"first"
+    assert bytes(v1) == b"secon"  # the same buffer: the old view sees the next message's bytes
+    other = []
+    r.put(b"thread")
+    t = threading.Thread(target=lambda: other.append(r.get_view()))
+    t.start()
+    t.join()
+    assert other[0] == b"thread" and v2 == b"second!"  # another thread has its own buffer
+
+
+@pytest.mark.timeout(120)
+def test_get_into_multiprocess_exactly_once(grid, grid_name):
+    r = grid.ring("zc", slots=8, slot_size=64)
+    n = 2000
+
+    def produce(name, lo, hi):
+        g = shmgrid.Grid.attach(name)
+        q = g.ring("zc")
+        for i in range(lo, hi):
+            q.put(struct.pack("<I", i) * 16, timeout=30)
+        g.close()
+        return True
+
+    with Workers() as w:
+        w.start(0, produce, grid_name, 0, n // 2)
+        w.start(1, produce, grid_name, n // 2, n)
+        buf = bytearray(64)
+        got = []
+        for _ in range(n):
+            k = r.get_into(buf, timeout=30)
+            assert k == 64 and buf == buf[:4] * 16
+            got.append(struct.unpack_from("<I", buf)[0])
+        w.wait([0, 1])
+    assert sorted(got) == list(range(n))

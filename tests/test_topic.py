@@ -695,3 +695,50 @@ def test_close_from_another_thread_ends_a_blocked_get(grid):
     assert t.stats()["subscribers"] == 0
     with pytest.raises(Closed):
         sub.get_nowait()
+
+
+# ---- zero-copy reads -------------------------------------------------------------
+
+
+def test_subscription_get_into_and_get_view(grid):
+    t = grid.topic("zc", capacity=4, max_message=16)
+    s = t.subscribe()
+    t.publish(b"one")
+    t.publish(b"two!")
+    t.publish(b"three")
+    buf = bytearray(16)
+    assert s.get_into(buf) == 3 and buf[:3] == b"one"
+    v = s.get_view()
+    assert v == b"two!" and v.readonly
+    assert s.get() == b"three"
+    assert bytes(v) == b"thre"  # the subscription's buffer, overwritten by the next read
+    with pytest.raises(Empty):
+        s.get_into(buf, timeout=0.02)
+    s.close()
+    with pytest.raises(Closed):
+        s.get_into(buf)
+
+
+def test_subscription_get_into_too_small_keeps_the_message(grid):
+    t = grid.topic("zc", capacity=4, max_message=16)
+    s = t.subscribe()
+    t.publish(b"kept")
+    with pytest.raises(InvalidArgument, match="max_message"):
+        s.get_into(bytearray(8))
+    with pytest.raises(TypeError):
+        s.get_into(bytes(16))
+    assert s.pending() == 1 and s.get_nowait() == b"kept"
+    s.close()
+
+
+def test_subscription_get_into_reports_lapped(grid):
+    t = grid.topic("zc", capacity=2, max_message=8, lossless=False)
+    s = t.subscribe()
+    for i in range(5):
+        t.publish(bytes([i]))
+    buf = bytearray(8)
+    with pytest.raises(Lapped) as e:
+        s.get_into(buf)
+    assert e.value.lost == 3
+    assert [s.get_into(buf) and buf[0] for _ in range(2)] == [3, 4]
+    s.close()
