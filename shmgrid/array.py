@@ -218,10 +218,15 @@ class SharedArray(np.ndarray):
         next version; returns its number. Waits up to ``timeout`` seconds
         for other publishers (Busy)."""
         s = self._root()
-        src = np.asarray(new)
-        if src.dtype != s.dtype and not np.can_cast(src.dtype, s.dtype, casting="same_kind"):
-            raise TypeError(f"cannot publish {src.dtype} data into array {s.name!r} of {s.dtype} "
-                            "(cast it first if that is meant)")
+        if isinstance(new, (int, float, complex)):  # a Python number: weak, as in numpy's own promotion
+            if np.result_type(s.dtype, new) != s.dtype:
+                raise TypeError(f"cannot publish {new!r} into array {s.name!r} of {s.dtype} without changing it")
+            src = np.asarray(new, dtype=s.dtype)
+        else:
+            src = np.asarray(new)
+            if src.dtype != s.dtype and not np.can_cast(src.dtype, s.dtype, casting="same_kind"):
+                raise TypeError(f"cannot publish {src.dtype} data into array {s.name!r} of {s.dtype} "
+                                "(cast it first if that is meant)")
         try:
             src = np.broadcast_to(src, s.shape)
         except ValueError:
