@@ -195,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = sub.add_parser("rm", help="unlink grids (attached processes keep their mapping)")
     s.add_argument("names", nargs="+")
     s.set_defaults(fn=cmd_rm)
-    s = sub.add_parser("demo", help="processes sharing a map, then a ring/topic/counter pipeline; live figures and exact checks")
+    s = sub.add_parser("demo", help="processes sharing a map, then a ring/topic/counter pipeline, then a shared numpy array; "
+                                           "live figures and exact checks")
     s.add_argument("--workers", type=int, default=4)
     s.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     s.add_argument("--keys", type=int, default=2000)
