@@ -104,7 +104,7 @@ class Peer:
 class Shmgrid(Peer):
     def setup(self, nbytes: int) -> None:
         self.name = f"bench-array-{os.getpid()}"
-        self.grid = shmgrid.Grid.create(self.name, size=max(64 << 20, 2 * nbytes + (16 << 20)))
+        self.grid = shmgrid.Grid.create(self.name, size=max(64 << 20, 3 * nbytes + (16 << 20)))  # two copies, in a block of a size class (up to +25%)
         self.a = self.grid.array("bench", nbytes, np.uint8)
         self.a.publish(np.zeros(nbytes, np.uint8))
         self.out = np.empty(nbytes, np.uint8)

@@ -133,7 +133,8 @@ int64_t sg_array_desc(sg_array *a, char *out, size_t cap)
 {
     SG_CHECK_GRID(a->g);
     uint32_t n = a->hdr->desc_len;
-    memcpy(out, a->hdr + 1, n < cap ? n : cap);
+    if (cap) /* out may be NULL when asking for the length */
+        memcpy(out, a->hdr + 1, n < cap ? n : cap);
     return n;
 }
 
