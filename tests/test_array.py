@@ -157,6 +157,17 @@ def test_publish_snapshot_and_conversions(grid):
         a.snapshot(out=ro)
 
 
+def test_empty_and_zero_dimensional_arrays(grid):
+    e = grid.array("e", (0, 3), "i8")
+    snap, v = e.snapshot()
+    assert snap.shape == (0, 3) and v == 0
+    assert e.publish(np.zeros((0, 3), "i8")) == 1 and e.snapshot(out=np.empty((0, 3), "i8"))[1] == 1
+    s = grid.array("s", (), "f8")
+    assert s.publish(2.5) == 1
+    snap, v = s.snapshot()
+    assert snap.shape == () and float(snap) == 2.5 and float(s) == 2.5 and v == 1
+
+
 def test_views_copies_and_pickles_are_plain(grid):
     a = grid.array("a", 4, "f8")
     a.publish([1, 2, 3, 4])
