@@ -153,25 +153,51 @@ uint64_t sg_array_version(sg_array *a)
 /* ------------------------------------------------------------------------ */
 /* the seqlock: readers                                                     */
 
-/* Copy buffer i into out if it holds one version throughout the copy:
- * 1 with *version set, 0 if it was being written. */
+/* Copy buffer i into out if it holds one version throughout the copy: 1
+ * with *version set, 0 if it was being written. s and v are the buffer's
+ * seq (loaded with acquire) and ver (loaded after it). */
+static int sg__array_copy(sg_array *a, int i, uint64_t s, uint64_t v, void *out, uint64_t *version)
+{
+    if (s & 1)
+        return 0;
+    sg_copy_out(out, a->buf[i], a->nbytes);
+    /* SYNC POINT: array-seq (acquire fence): had the copy (or the load of
+     * v) read a store of a later section, the load below sees that
+     * section's odd seq or later */
+    sg_fence_acquire();
+    if (sg_load_relaxed(&a->hdr->buf[i].seq) != s)
+        return 0;
+    *version = v;
+    return 1;
+}
+
 static int sg__array_read(sg_array *a, int i, void *out, uint64_t *version)
 {
     sg_array_buf *b = &a->hdr->buf[i];
     /* SYNC POINT: array-seq (acquire): an even seq makes the section that
      * stored it visible: its ver and every word of its copy */
     uint64_t s = sg_load_acquire(&b->seq);
-    if (s & 1)
-        return 0;
-    uint64_t v = sg_load_relaxed(&b->ver);
-    sg_copy_out(out, a->buf[i], a->nbytes);
-    /* SYNC POINT: array-seq (acquire fence): had the copy read a word of a
-     * later section, the load below sees that section's odd seq or later */
-    sg_fence_acquire();
-    if (sg_load_relaxed(&b->seq) != s)
-        return 0;
-    *version = v;
-    return 1;
+    return sg__array_copy(a, i, s, sg_load_relaxed(&b->ver), out, version);
+}
+
+/* One round: the buffer that holds the newest complete version and that
+ * the next publisher section will reach last, then the other one. The
+ * backup when the live buffer is being written or both hold the same
+ * version (a publish starts with the live buffer); the live buffer when
+ * the backup is being written or is behind (it is next). */
+static int sg__array_try(sg_array *a, void *out, uint64_t *version)
+{
+    sg_array_buf *b = a->hdr->buf;
+    /* SYNC POINT: array-seq (acquire), both buffers; live first (see the
+     * layout: the version returned was the newest complete one when the
+     * live buffer's seq was loaded) */
+    uint64_t sl = sg_load_acquire(&b[SG_ARRAY_LIVE].seq), vl = sg_load_relaxed(&b[SG_ARRAY_LIVE].ver);
+    uint64_t sb = sg_load_acquire(&b[SG_ARRAY_BACKUP].seq), vb = sg_load_relaxed(&b[SG_ARRAY_BACKUP].ver);
+    if ((sl & 1) || (!(sb & 1) && vb == vl))
+        return sg__array_copy(a, SG_ARRAY_BACKUP, sb, vb, out, version) ||
+               sg__array_read(a, SG_ARRAY_LIVE, out, version);
+    return sg__array_copy(a, SG_ARRAY_LIVE, sl, vl, out, version) ||
+           sg__array_read(a, SG_ARRAY_BACKUP, out, version);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -289,10 +315,7 @@ int sg_array_snapshot(sg_array *a, void *out, int64_t timeout_ns, uint64_t *vers
     sg_array_hdr *h = a->hdr;
     uint64_t deadline = sg__deadline(timeout_ns);
     for (int round = 0;; round++) {
-        /* The live buffer first: it is written first, so when it is stable
-         * it holds the newest version; while it is being written the
-         * backup holds the newest complete one. */
-        if (sg__array_read(a, SG_ARRAY_LIVE, out, version) || sg__array_read(a, SG_ARRAY_BACKUP, out, version))
+        if (sg__array_try(a, out, version))
             return SG_OK;
         if (round < SG_ARRAY_READ_ROUNDS) {
             sg_cpu_relax();

@@ -697,11 +697,21 @@ _Static_assert(sizeof(sg_lock_hdr) == SG_CACHE_LINE, "layout");
  * (SYNC POINT: array-seq). Both buffers are never odd at once: the one
  * not being written holds a complete version, the newest one except while
  * LIVE is being written (then BACKUP holds v - 1, which is the newest
- * complete one). So a reader tries LIVE, then BACKUP: a relaxed word copy
- * between an acquire load of an even seq and, after an acquire fence, the
- * same seq again (SYNC POINT: block-reuse's argument, Boehm 2012). A
- * publisher killed or stopped mid-copy leaves one buffer odd and the other
- * whole: readers never wait for it and never see its half-written data.
+ * complete one). A reader's copy is a relaxed word copy between an acquire
+ * load of an even seq and, after an acquire fence, the same seq again
+ * (SYNC POINT: block-reuse's argument, Boehm 2012). It loads both seqs and
+ * vers (LIVE's first) and copies the buffer that holds the newest complete
+ * version and that publishers reach last: BACKUP if LIVE is odd or both
+ * hold the same version (a publish starts with LIVE), else LIVE (BACKUP is
+ * odd or behind, and next); if that copy fails, the other buffer (loaded
+ * afresh). What it returns was the newest complete version at some instant
+ * of the round: LIVE is written first, so an even LIVE holds the newest
+ * version; BACKUP is copied only when LIVE was odd or equal to it, and a
+ * newer version completing in LIVE after that load leaves BACKUP's, which
+ * the copy validated, the newest until then. Versions a reader gets
+ * therefore never go backwards. A publisher
+ * killed or stopped mid-copy leaves one buffer odd and the other whole:
+ * readers never wait for it and never see its half-written data.
  *
  * Whoever takes `writer` next repairs before anything else: an odd buffer
  * gets the other buffer's contents (under a fresh odd seq: the dead

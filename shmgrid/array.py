@@ -11,11 +11,14 @@ same memory. Two ways to change it, with different guarantees:
   reader never waits on a dead or stopped publisher. Publishers take turns
   (a robust writer lock: one that dies holding it is recovered by the next).
 - Writing through the array itself (``a[3] = 1.0``, ``a += 1``) is plain
-  shared memory: visible to other processes at once, not atomic, not
-  versioned. Snapshots taken meanwhile may see such writes half done, and
-  the next publish overwrites them. Reading through the array is likewise
-  unsynchronized: during a publish it shows the old and new version mixed.
-  Use ``snapshot()`` when consistency matters.
+  shared memory: visible to other processes' views at once, not atomic,
+  not versioned. A snapshot taken while no publish is under way returns the
+  last published contents without such writes; one taken during a publish
+  may copy the live buffer (once the new version is complete there) with
+  whatever was written into it since. The next publish overwrites them;
+  ``a.publish(a)`` makes the current contents a version. Reading through
+  the array is likewise unsynchronized: during a publish it shows the old
+  and new version mixed. Use ``snapshot()`` when consistency matters.
 
 ``a.version`` is the newest complete version; ``a.wait_version(v)`` sleeps
 until a version above ``v`` is published.

@@ -280,8 +280,10 @@ N_MODEL = 6
 
 
 class ArrayModel(RuleBasedStateMachine):
-    """A single-process model: contents (what the live buffer holds, so
-    in-place writes included) and the version, against two handles."""
+    """A single-process model against two handles: the live contents (what
+    the ndarray shows, in-place writes included), the last published
+    contents (what a snapshot returns while no publish is under way: in-place
+    writes are not part of any version) and the version."""
 
     @initialize()
     def setup(self):
@@ -289,6 +291,7 @@ class ArrayModel(RuleBasedStateMachine):
         self.grid = shmgrid.Grid.create(self.name, size="4MiB")
         self.handles = [self.grid.array("x", N_MODEL, "i4"), self.grid.array("x")]
         self.contents = [0] * N_MODEL
+        self.published = [0] * N_MODEL
         self.version = 0
 
     @rule(h=st.integers(0, 1), values=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=N_MODEL,
@@ -297,6 +300,7 @@ class ArrayModel(RuleBasedStateMachine):
         v = self.handles[h].publish(values)
         self.version += 1
         self.contents = list(values)
+        self.published = list(values)
         assert v == self.version
 
     @rule(h=st.integers(0, 1), value=st.integers(-(2**31), 2**31 - 1))
@@ -304,16 +308,24 @@ class ArrayModel(RuleBasedStateMachine):
         assert self.handles[h].publish(value) == self.version + 1
         self.version += 1
         self.contents = [value] * N_MODEL
+        self.published = [value] * N_MODEL
 
     @rule(h=st.integers(0, 1), i=st.integers(0, N_MODEL - 1), value=st.integers(-(2**31), 2**31 - 1))
     def write_in_place(self, h, i, value):
-        self.handles[h][i] = value  # not a version: the contents change, the number does not
+        self.handles[h][i] = value  # not a version: the live contents change, nothing else
         self.contents[i] = value
+
+    @rule(h=st.integers(0, 1))
+    def publish_live(self, h):
+        # committing in-place writes: publish the array's own contents
+        assert self.handles[h].publish(self.handles[1 - h]) == self.version + 1
+        self.version += 1
+        self.published = list(self.contents)
 
     @rule(h=st.integers(0, 1))
     def snapshot(self, h):
         snap, v = self.handles[h].snapshot(timeout=1)
-        assert (snap.tolist(), v) == (self.contents, self.version)
+        assert (snap.tolist(), v) == (self.published, self.version)
 
     @rule()
     def reopen(self):

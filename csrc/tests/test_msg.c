@@ -394,7 +394,8 @@ static int is_version(const uint64_t *w, uint64_t v)
  * buffer `which` the way sg_array_publish does, writes half of version v
  * into it, and exits holding the lock: a publisher killed mid-copy. With
  * which == BACKUP it first completes the live section, as a publisher
- * does. */
+ * does; with which == 2 it completes the live section only (killed
+ * between the two). */
 static void die_mid_publish(sg_grid *g, const char *name, int which, uint64_t v)
 {
     pid_t pid = fork();
@@ -407,7 +408,7 @@ static void die_mid_publish(sg_grid *g, const char *name, int which, uint64_t v)
         uint64_t *live = (uint64_t *)(g->base + h->data), *bufs[2] = {live, live + h->stride / 8};
         uint64_t src[ARR_WORDS];
         fill(src, v);
-        for (int i = 0; i <= which; i++) {
+        for (int i = 0; i <= (which == 2 ? 0 : which); i++) {
             uint64_t s = h->buf[i].seq;
             sg_store_relaxed(&h->buf[i].seq, s + 1);
             sg_fence_release();
@@ -493,24 +494,33 @@ static void test_array(sg_grid *g)
     die_mid_publish(g, "arr", SG_ARRAY_BACKUP, 3);
     CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 3 && is_version(buf, 3));
     CHECK(sg_array_wait(a, 2, 0, &v) == SG_OK && v == 3);
-    /* opening repairs what a dead publisher left (its lock is free to take) */
+    /* killed between its two sections: version 4 is complete in the live
+     * buffer only, and it is what a snapshot returns (not the backup's 3) */
     sg_array *r;
+    CHECK(sg_array_open(g, "arr", NULL, 0, 0, &r) == SG_OK); /* repairs 3 first */
+    sg_array_free(r);
+    die_mid_publish(g, "arr", 2, 4);
+    CHECK(sg_array_info_get(a, &info) == SG_OK && info.ver[0] == 4 && info.ver[1] == 3 && !(info.seq[0] & 1) &&
+          !(info.seq[1] & 1));
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 4 && is_version(buf, 4));
+    /* opening repairs what a dead publisher left (its lock is free to take) */
     CHECK(sg_array_open(g, "arr", NULL, 0, 0, &r) == SG_OK);
-    CHECK(sg_array_info_get(a, &info) == SG_OK && info.repairs == 2 && info.owner_deaths == 2 && info.ver[1] == 3 &&
+    CHECK(sg_array_info_get(a, &info) == SG_OK && info.repairs == 3 && info.owner_deaths == 3 && info.ver[1] == 4 &&
           !(info.seq[1] & 1) && info.writer_tid == 0);
     uint64_t obj;
     sg_array_hdr *h = array_hdr(g, "arr", &obj);
-    CHECK(is_version((uint64_t *)(g->base + h->data + h->stride), 3));
+    CHECK(is_version((uint64_t *)(g->base + h->data + h->stride), 4));
     sg_array_free(r);
 
     /* both buffers odd breaks the protocol: reported, never "repaired" */
-    uint64_t keep = h->buf[1].seq;
+    uint64_t keep0 = h->buf[0].seq, keep1 = h->buf[1].seq;
+    CHECK(!(keep0 & 1) && !(keep1 & 1));
     h->buf[0].seq |= 1;
     h->buf[1].seq |= 1;
     CHECK(sg_array_repair(a, 0) == SG_ECORRUPT);
     CHECK(sg_array_publish(a, src, 0, &v) == SG_ECORRUPT);
-    h->buf[0].seq = keep;
-    h->buf[1].seq = keep;
+    h->buf[0].seq = keep0;
+    h->buf[1].seq = keep1;
     CHECK(sg_array_repair(a, 0) == SG_NO);
 
     /* one publisher thread, three readers: never a torn or older version */
