@@ -24,10 +24,14 @@ struct sg_array {
 };
 
 /* A snapshot that lost this many rounds (both buffers) to live publishers
- * takes the writer lock; it waits for it in slices this long, trying the
- * seqlock again between them. */
-#define SG_ARRAY_READ_ROUNDS 4
+ * takes the writer lock. It waits for it as long as publishers make
+ * progress (a seq word moved within the last slice of this long), and
+ * tries the seqlock again otherwise (a publisher stopped mid-copy). */
+#define SG_ARRAY_READ_ROUNDS 2
 #define SG_ARRAY_LOCK_SLICE_NS 1000000ll
+/* A reader's copy looks for a publisher's new section this often (bytes;
+ * a multiple of 8). */
+#define SG_ARRAY_CHUNK (64u << 10)
 /* wait_version sleeps at most this long before looking again. */
 #define SG_ARRAY_SLEEP_SLICE_NS 100000000ll
 
@@ -160,7 +164,14 @@ static int sg__array_copy(sg_array *a, int i, uint64_t s, uint64_t v, void *out,
 {
     if (s & 1)
         return 0;
-    sg_copy_out(out, a->buf[i], a->nbytes);
+    /* In chunks, giving up early once a publisher has begun a section
+     * here (a hint only: the check after the fence decides) */
+    for (uint64_t off = 0; off < a->nbytes; off += SG_ARRAY_CHUNK) {
+        if (off && sg_load_relaxed(&a->hdr->buf[i].seq) != s)
+            return 0;
+        uint64_t n = a->nbytes - off < SG_ARRAY_CHUNK ? a->nbytes - off : SG_ARRAY_CHUNK;
+        sg_copy_out((char *)out + off, a->buf[i] + off / 8, n);
+    }
     /* SYNC POINT: array-seq (acquire fence): had the copy (or the load of
      * v) read a store of a later section, the load below sees that
      * section's odd seq or later */
@@ -274,6 +285,84 @@ static int sg__array_lock(sg_array *a, int64_t timeout_ns)
     return rc == SG_OWNERDIED ? SG_OK : rc;
 }
 
+/* Release the writer lock, or hand it to the reader registered in `want`. */
+static void sg__array_unlock(sg_array *a)
+{
+    sg_array_hdr *h = a->hdr;
+    uint64_t w = sg_load_acquire(&h->want);
+    if (w & SG_ARRAY_HANDED) {
+        /* handed to a reader that then died: we took the lock over from it */
+        if (!sg__thread_alive(w & ~SG_ARRAY_HANDED))
+            sg_cas_acq_rel(&h->want, &w, 0);
+    } else if (w) {
+        if (!sg__thread_alive(w)) {
+            sg_cas_acq_rel(&h->want, &w, 0); /* a dead reader's registration */
+        } else if (sg_cas_acq_rel(&h->want, &w, w | SG_ARRAY_HANDED)) {
+            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
+            /* SYNC POINT: lock (release): what we wrote holding it is
+             * visible to the reader we hand it to */
+            sg_store_release(&h->writer.owner, w);
+            sg__event_signal(&h->writer.event);
+            return;
+        }
+    }
+    sg__mutex_release(&h->writer);
+}
+
+/* A reader registered in `want` as `me`: wait until the writer lock is
+ * ours (handed over, or taken free or from a dead holder) or the deadline.
+ * SG_OK holding the lock (unregistered), or SG_EAGAIN / an error, no
+ * longer registered and not holding it. */
+static int sg__array_wait_handoff(sg_array *a, uint64_t me, uint64_t deadline)
+{
+    sg_array_hdr *h = a->hdr;
+    int rc;
+    uint64_t seqs = sg_load_relaxed(&h->buf[0].seq) + sg_load_relaxed(&h->buf[1].seq);
+    uint64_t slice_end = sg__mono_ns() + SG_ARRAY_LOCK_SLICE_NS;
+    for (;;) {
+        /* SYNC POINT: lock (acquire): the holder's release store naming us */
+        if (sg_load_acquire(&h->writer.owner) == me)
+            break;
+        rc = sg__mutex_acquire(a->g, a->obj, &h->writer, &a->spin, 0);
+        if (rc == SG_OK || rc == SG_OWNERDIED)
+            break;
+        if (rc == SG_EDEADLK)
+            continue; /* handed over between our look and its own */
+        uint64_t now = sg__mono_ns();
+        if (rc == SG_EAGAIN && now >= slice_end && now < deadline) {
+            /* still worth waiting while publishers make progress: the
+             * lock comes at the end of the current publish */
+            uint64_t moved = sg_load_relaxed(&h->buf[0].seq) + sg_load_relaxed(&h->buf[1].seq);
+            if (moved == seqs)
+                now = deadline; /* stopped (or idle): go back to the seqlock */
+            seqs = moved;
+            slice_end = now + SG_ARRAY_LOCK_SLICE_NS;
+        }
+        if (rc != SG_EAGAIN || now >= deadline) {
+            uint64_t mine = me;
+            if (sg_cas_acq_rel(&h->want, &mine, 0))
+                return rc == SG_EAGAIN ? sg__fail(SG_EAGAIN, "array: the writer lock stayed held") : rc;
+            deadline = UINT64_MAX; /* a holder committed to us: the lock is on its way */
+            continue;
+        }
+        uint32_t v = sg__event_prepare(&h->writer.event);
+        if (sg_load_acquire(&h->writer.owner) == me || sg_load_relaxed(&h->writer.owner) == 0)
+            continue;
+        if ((rc = sg__event_sleep(a->g, a->obj, &h->writer.event, v, slice_end < deadline ? slice_end : deadline,
+                                  SG_ARRAY_LOCK_SLICE_NS)) &&
+            rc != SG_EAGAIN) {
+            uint64_t mine = me;
+            if (sg_cas_acq_rel(&h->want, &mine, 0))
+                return rc;
+            deadline = UINT64_MAX;
+        }
+    }
+    /* We hold the lock, so no holder is in sg__array_unlock: `want` is ours
+     * (me, or me | HANDED) and nobody else writes it until we clear it. */
+    sg_store_relaxed(&h->want, 0);
+    return SG_OK;
+}
+
 int sg_array_repair(sg_array *a, int64_t timeout_ns)
 {
     SG_CHECK_GRID(a->g);
@@ -281,7 +370,7 @@ int sg_array_repair(sg_array *a, int64_t timeout_ns)
     if (rc)
         return rc;
     rc = sg__array_fix(a);
-    sg__mutex_release(&a->hdr->writer);
+    sg__array_unlock(a);
     return rc;
 }
 
@@ -293,7 +382,7 @@ int sg_array_publish(sg_array *a, const void *src, int64_t timeout_ns, uint64_t 
     if (rc)
         return rc;
     if ((rc = sg__array_fix(a)) < 0) {
-        sg__mutex_release(&h->writer);
+        sg__array_unlock(a);
         return rc;
     }
     uint64_t v = sg_load_relaxed(&h->buf[SG_ARRAY_LIVE].ver) + 1;
@@ -304,7 +393,7 @@ int sg_array_publish(sg_array *a, const void *src, int64_t timeout_ns, uint64_t 
     sg_fetch_add_relaxed(&h->publishes, 1);
     sg__event_signal(&h->published);
     sg__array_write(a, SG_ARRAY_BACKUP, v, src);
-    sg__mutex_release(&h->writer);
+    sg__array_unlock(a);
     *version = v;
     return SG_OK;
 }
@@ -325,9 +414,14 @@ int sg_array_snapshot(sg_array *a, void *out, int64_t timeout_ns, uint64_t *vers
         uint64_t now = sg__mono_ns();
         if (now >= deadline)
             return sg__fail(SG_EAGAIN, "array snapshot: publishers kept overwriting both buffers; timed out");
-        int64_t slice = deadline - now < (uint64_t)SG_ARRAY_LOCK_SLICE_NS ? (int64_t)(deadline - now)
-                                                                          : SG_ARRAY_LOCK_SLICE_NS;
-        int rc = sg__array_lock(a, slice);
+        uint64_t slice_end = deadline - now < (uint64_t)SG_ARRAY_LOCK_SLICE_NS ? deadline
+                                                                               : now + SG_ARRAY_LOCK_SLICE_NS;
+        uint64_t me = sg__thread_word(), none = 0;
+        int rc;
+        if (sg_cas_acq_rel(&h->want, &none, me)) /* registered: the holder hands the lock to us */
+            rc = sg__array_wait_handoff(a, me, deadline);
+        else /* another reader is registered: it is served first */
+            rc = sg__array_lock(a, (int64_t)(slice_end - now));
         if (rc == SG_EAGAIN)
             continue; /* a publisher may be stopped mid-copy: the seqlock still works */
         if (rc)
@@ -338,7 +432,7 @@ int sg_array_snapshot(sg_array *a, void *out, int64_t timeout_ns, uint64_t *vers
                      : sg__fail(SG_ECORRUPT, "array: the live buffer changed while the writer lock was held");
             sg_fetch_add_relaxed(&h->locked_reads, 1);
         }
-        sg__mutex_release(&h->writer);
+        sg__array_unlock(a);
         return rc;
     }
 }

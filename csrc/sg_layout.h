@@ -721,9 +721,22 @@ _Static_assert(sizeof(sg_lock_hdr) == SG_CACHE_LINE, "layout");
  *
  * A reader that keeps losing races to live publishers (each lost copy means
  * a publisher made progress) takes `writer` itself after a few tries and
- * copies LIVE while holding it, waiting in short slices between which it
- * tries the seqlock again (a publisher stopped mid-copy leaves a buffer it
- * can read): bounded retries, and no reader waits on a dead process.
+ * copies LIVE while holding it. Publishers publishing back to back would
+ * win every race for a free lock, so the reader registers in `want` (CAS
+ * 0 -> its thread word) and the holder hands the lock over on release
+ * instead of freeing it:
+ *
+ *   want  0 none; W a reader waits; W | HANDED the holder committed to W
+ *
+ * The holder CASes W -> W | HANDED, then stores owner = W with release
+ * (SYNC POINT: lock, as for any release) and signals the lock's event. A
+ * reader giving up CASes W -> 0; if that fails the lock is on its way and
+ * it waits for it. A registered reader that died is unregistered by the
+ * next holder (CAS W -> 0 after a liveness check); one that died holding
+ * the handed lock is an ordinary dead holder. The reader waits in slices of
+ * 1 ms between which it withdraws and tries the seqlock again (a publisher
+ * stopped mid-copy leaves a buffer it can read): so no reader waits on a
+ * dead or stopped process, and a live one serves it within one publish.
  * ------------------------------------------------------------------------ */
 enum { SG_ARRAY_LIVE = 0, SG_ARRAY_BACKUP = 1 };
 
@@ -754,20 +767,25 @@ typedef struct sg_array_hdr {
     uint8_t _pad3[SG_CACHE_LINE - 24];
     /* line 4: written by readers. Sleepers in wait_version wait on
      * `published` (an event, see Events; publishers signal it); `locked_reads`
-     * counts snapshots that had to take the writer lock. */
+     * counts snapshots that had to take the writer lock; `want` is the
+     * reader waiting to be handed the writer lock (see above): readers and
+     * the lock holder CAS it. */
     uint32_t published;
     uint32_t _pad4a;
     uint64_t locked_reads;
-    uint8_t _pad4[SG_CACHE_LINE - 16];
+    uint64_t want;
+    uint8_t _pad4[SG_CACHE_LINE - 24];
 } sg_array_hdr;
 
 _Static_assert(offsetof(sg_array_hdr, writer) == SG_CACHE_LINE, "writer lock on its own line");
 _Static_assert(offsetof(sg_array_hdr, buf) == 2 * SG_CACHE_LINE, "seqlock line");
 _Static_assert(offsetof(sg_array_hdr, version) == 3 * SG_CACHE_LINE, "version line");
 _Static_assert(offsetof(sg_array_hdr, published) == 4 * SG_CACHE_LINE, "readers' line");
+_Static_assert(offsetof(sg_array_hdr, want) == 4 * SG_CACHE_LINE + 16, "layout");
 _Static_assert(sizeof(sg_array_hdr) == 5 * SG_CACHE_LINE, "description starts after five lines");
 _Static_assert(sizeof(sg_array_buf) == 16, "layout");
 
 #define SG_ARRAY_ALIGN 64u
+#define SG_ARRAY_HANDED (1ull << 63) /* in `want`: thread words use bits 0-61 */
 
 #endif /* SG_LAYOUT_H */
