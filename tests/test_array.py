@@ -661,3 +661,54 @@ def test_snapshots_finish_under_a_publisher_that_never_pauses(grid_name):
     del a, snap
     gc.collect()
     g.close()
+
+
+def _snapshot_forever(grid_name: str, count) -> None:
+    g = shmgrid.Grid.attach(grid_name)
+    a = g.array("small")
+    out = np.empty(a.shape, a.dtype)
+    while True:
+        a.snapshot(out=out, timeout=30)
+        assert (out == out[0]).all()
+        count[0] += 1
+
+
+@pytest.mark.timeout(120)
+def test_readers_killed_anywhere_block_nobody(grid_name):
+    """Readers that may be inside the writer lock (a snapshot that lost to
+    the publishers is handed the lock) or registered for it are SIGKILLed
+    at random moments while two publishers hammer the array: publishers go
+    on, and a fresh reader still gets whole versions."""
+    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
+    g = shmgrid.Grid.create(grid_name, size="8MiB")
+    a = g.array("small", 512, np.int64)
+    stop = shared_i64(1)
+    pubs = [start(_hammer, grid_name, stop) for _ in range(2)]
+    try:
+        for _ in range(15):
+            count = shared_i64(1)
+            r = start(_snapshot_forever, grid_name, count)
+            wait_deadline = time.monotonic() + 10
+            while count[0] == 0:
+                assert time.monotonic() < wait_deadline and r.is_alive(), "a reader made no snapshot"
+                time.sleep(0.001)
+            time.sleep(rnd.uniform(0, 0.03))
+            os.kill(r.pid, signal.SIGKILL)
+            r.join(5)
+            v = a.version
+            progress_deadline = time.monotonic() + 5
+            while a.version == v:  # publishers are not held back by the dead reader
+                assert time.monotonic() < progress_deadline, "publishers stopped after a reader was killed"
+                time.sleep(0.001)
+        snap, v = a.snapshot(timeout=10)
+        assert (snap == snap[0]).all() and v >= 1
+    finally:
+        stop[0] = 1
+        for p in pubs:
+            p.join(10)
+    assert all(p.exitcode == 0 for p in pubs)
+    assert a.repair(timeout=5) in (True, False)  # the lock is free or recoverable
+    assert not a.stats()["writer_tid"]
+    del a, snap
+    gc.collect()
+    g.close()
