@@ -44,7 +44,7 @@ from numpy.lib import format as _npformat
 
 from ._core import ffi, lib
 from ._wait import SLICE_NS, start, wait_more
-from .errors import Busy, Closed, InvalidArgument, raise_for
+from .errors import Busy, Closed, CorruptSegment, InvalidArgument, raise_for
 from .grid import cname
 
 __all__ = ["SharedArray"]
@@ -71,7 +71,7 @@ def _describe(shape: Any, dtype: Any) -> Tuple[Tuple[int, ...], np.dtype, bytes]
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (int(shape),)
     try:
-        shape = tuple(operator.index(n) for n in shape if not isinstance(n, bool) or _no_bool())
+        shape = tuple(_dimension(n) for n in shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
     if any(n < 0 for n in shape):
@@ -89,13 +89,24 @@ def _describe(shape: Any, dtype: Any) -> Tuple[Tuple[int, ...], np.dtype, bytes]
     return shape, dt, desc
 
 
-def _no_bool() -> bool:
-    raise TypeError
+def _dimension(n: Any) -> int:
+    if isinstance(n, bool):  # an int to operator.index, never meant as a size
+        raise TypeError
+    return operator.index(n)
 
 
-def _parse(desc: bytes) -> Tuple[Tuple[int, ...], np.dtype]:
-    shape, descr = ast.literal_eval(desc.decode("ascii"))
-    return tuple(shape), _npformat.descr_to_dtype(descr)
+def _parse(name: str, desc: bytes) -> Tuple[Tuple[int, ...], np.dtype]:
+    """Shape and dtype back from a description read out of the segment
+    (written by another process: checked, never trusted)."""
+    try:
+        shape, descr = ast.literal_eval(desc.decode("ascii"))
+        shape = tuple(_dimension(n) for n in shape)
+        dt = _npformat.descr_to_dtype(descr)
+    except Exception as e:  # noqa: BLE001 - any failure means a bad description
+        raise CorruptSegment(f"array {name!r}: unreadable description {desc[:200]!r} ({e})") from None
+    if any(n < 0 for n in shape) or dt.hasobject:
+        raise CorruptSegment(f"array {name!r}: description {desc[:200]!r} is not a shape and a plain dtype")
+    return shape, dt
 
 
 class _Handle:
@@ -126,7 +137,7 @@ class _Handle:
         n = lib.sg_array_desc(self.h, ffi.NULL, 0)
         buf = ffi.new("char[]", max(n, 1))
         lib.sg_array_desc(self.h, buf, n)
-        self.shape, self.dtype = _parse(ffi.unpack(buf, n))
+        self.shape, self.dtype = _parse(name, ffi.unpack(buf, n))
         self.nbytes = lib.sg_array_nbytes(self.h)
         addr = int(ffi.cast("uintptr_t", lib.sg_array_live(self.h)))
         self.live = (addr, addr + self.nbytes)
@@ -136,7 +147,7 @@ class _Handle:
         self.out: Any = None
         self.out_ptr: Any = None
         if self.nbytes != math.prod(self.shape) * self.dtype.itemsize:
-            raise InvalidArgument(f"array {name!r}: {self.nbytes} bytes do not hold shape {self.shape} of {self.dtype}")
+            raise CorruptSegment(f"array {name!r}: {self.nbytes} bytes do not hold shape {self.shape} of {self.dtype}")
 
     def handle(self) -> Any:
         if self.grid.closed:
