@@ -712,3 +712,19 @@ def test_readers_killed_anywhere_block_nobody(grid_name):
     del a, snap
     gc.collect()
     g.close()
+
+
+@pytest.mark.parametrize("bad", [b"((7,), '<q9')", b"((7,), '|O8')", b"((-7,),'<i2')", b"(7 ,  '<i2')x", b"((15,),'<i1')"])
+def test_a_damaged_description_is_corrupt_not_a_crash(grid, bad):
+    grid.array("a", 7, "<i2")
+    good = b"((7,), '<i2')"
+    assert len(bad) == len(good)
+    with open(f"/dev/shm/{grid.name}", "r+b") as f:
+        data = f.read()
+        assert data.count(good) == 1
+        f.seek(data.index(good))
+        f.write(bad)
+    with pytest.raises(shmgrid.CorruptSegment, match="'a'"):
+        grid.array("a")
+    with pytest.raises(ObjectMismatch):  # asked for with the real description: it differs now
+        grid.array("a", 7, "<i2")
