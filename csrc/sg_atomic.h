@@ -170,6 +170,14 @@ static inline void sg_copy_in(uint64_t *dst, const void *src, size_t n)
     }
 }
 
+/* Copy n bytes between two shared areas of whole words (relaxed on both
+ * sides: each is read or written by other processes under a seqlock). */
+static inline void sg_copy_shared(uint64_t *dst, const uint64_t *src, size_t n)
+{
+    for (size_t i = 0; i < (n + 7) / 8; i++)
+        __atomic_store_n(&dst[i], __atomic_load_n(&src[i], __ATOMIC_RELAXED), __ATOMIC_RELAXED);
+}
+
 /* Compare n bytes of private memory with shared block words; 0 if equal. */
 static inline int sg_compare_shared(const uint64_t *shared, const void *priv, size_t n)
 {

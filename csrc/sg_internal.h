@@ -232,6 +232,14 @@ typedef struct sg__waiter {
 } sg__waiter;
 int64_t sg__wait(const sg__waiter *w, int64_t timeout_ns);
 
+/* Robust mutexes (sync.c): a sg_lock_hdr whose owner word is the holder's
+ * thread word, taken over from a dead holder (SG_OWNERDIED). Acquire
+ * returns SG_OK, SG_OWNERDIED, SG_EAGAIN, SG_EINTR or SG_EDEADLK; obj names
+ * the object in the process table's `waiting` (stat); spin is the
+ * handle's adaptive budget. Release returns SG_OK or SG_ENOTOWNER. */
+int sg__mutex_acquire(sg_grid *g, uint64_t obj, sg_lock_hdr *h, uint32_t *spin, int64_t timeout_ns);
+int sg__mutex_release(sg_lock_hdr *h);
+
 /* This thread's word (thread id | thread start time), cached per thread. */
 uint64_t sg__thread_word(void);
 

@@ -488,7 +488,8 @@ _Static_assert(sizeof(sg_feed_hdr) == 3 * SG_CACHE_LINE, "records start after th
 _Static_assert(sizeof(sg_feed_rec) == 32, "two records per line");
 
 /* object kinds, stored in sg_dirent.kind */
-enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1, SG_OBJ_RING = 2, SG_OBJ_TOPIC = 3, SG_OBJ_COUNTER = 4, SG_OBJ_LOCK = 5 };
+enum { SG_OBJ_NONE = 0, SG_OBJ_MAP = 1, SG_OBJ_RING = 2, SG_OBJ_TOPIC = 3, SG_OBJ_COUNTER = 4, SG_OBJ_LOCK = 5,
+       SG_OBJ_ARRAY = 6 };
 
 /* ------------------------------------------------------------------------
  * Events: a 32-bit futex word that sleepers wait on and wakers bump.
@@ -682,5 +683,132 @@ typedef struct sg_lock_hdr {
 _Static_assert(sizeof(sg_counter_hdr) == SG_CACHE_LINE, "layout");
 _Static_assert(offsetof(sg_lock_hdr, event) == 8, "layout");
 _Static_assert(sizeof(sg_lock_hdr) == SG_CACHE_LINE, "layout");
+
+/* ------------------------------------------------------------------------
+ * Array: a fixed-size byte buffer (a numpy array's data) that publishers
+ * replace as whole versions while readers take consistent snapshots, and
+ * that survives a publisher killed at any instruction. One heap block (kind
+ * OBJECT): sg_array_hdr, the description, then two buffers of `stride`
+ * bytes, 64-byte aligned (offsets from the segment base, which is page
+ * aligned), so any dtype views them well:
+ *
+ *   payload: 0          320         320 + desc_len   data        data + stride
+ *            +----------+-----------+------ pad -----+-----------+-----------+
+ *            | header   | desc      |                | LIVE      | BACKUP    |
+ *            +----------+-----------+----------------+-----------+-----------+
+ *
+ *   desc    the creator's description of the contents (the Python layer
+ *           writes shape and dtype); opening with a description compares
+ *           it byte for byte (ObjectMismatch if it differs)
+ *   LIVE    buffer 0: what the user's ndarray maps. Publishers write it
+ *           first; in-place writes through the ndarray land here too and
+ *           are not versioned (no atomicity, see README)
+ *   BACKUP  buffer 1: the last complete version, written second
+ *
+ * Each buffer has a seqlock word and the version it holds:
+ *
+ *   seq  even: stable, holds version `ver`; odd: being written. Only grows
+ *        (by one per state change), so a reader that sees the same even
+ *        value before and after its copy has copied one version whole.
+ *
+ * Publishers (and repairers) hold `writer`, a robust lock like sg_lock_hdr
+ * (a thread word; CAS from a dead holder hands it on). A publish of
+ * version v writes LIVE, then BACKUP, each as a seqlock section:
+ *
+ *   seq = s + 1 (odd); release fence; ver = v; copy; seq = s + 2 (release)
+ *
+ * (SYNC POINT: array-seq). Both buffers are never odd at once: the one
+ * not being written holds a complete version, the newest one except while
+ * LIVE is being written (then BACKUP holds v - 1, which is the newest
+ * complete one). A reader's copy is a relaxed word copy between an acquire
+ * load of an even seq and, after an acquire fence, the same seq again
+ * (SYNC POINT: block-reuse's argument, Boehm 2012). It loads both seqs and
+ * vers (LIVE's first) and copies the buffer that holds the newest complete
+ * version and that publishers reach last: BACKUP if LIVE is odd or both
+ * hold the same version (a publish starts with LIVE), else LIVE (BACKUP is
+ * odd or behind, and next); if that copy fails, the other buffer (loaded
+ * afresh). What it returns was the newest complete version at some instant
+ * of the round: LIVE is written first, so an even LIVE holds the newest
+ * version; BACKUP is copied only when LIVE was odd or equal to it, and a
+ * newer version completing in LIVE after that load leaves BACKUP's, which
+ * the copy validated, the newest until then. Versions a reader gets
+ * therefore never go backwards. A publisher
+ * killed or stopped mid-copy leaves one buffer odd and the other whole:
+ * readers never wait for it and never see its half-written data.
+ *
+ * Whoever takes `writer` next repairs before anything else: an odd buffer
+ * gets the other buffer's contents (under a fresh odd seq: the dead
+ * writer's odd store is not ours to pair with), a BACKUP behind LIVE is
+ * brought up to it, and `version` is set to LIVE's. The dead writer's
+ * version number was never visible as complete, so it is given again.
+ *
+ * A reader that keeps losing races to live publishers (each lost copy means
+ * a publisher made progress) takes `writer` itself after a few tries and
+ * copies LIVE while holding it. Publishers publishing back to back would
+ * win every race for a free lock, so the reader registers in `want` (CAS
+ * 0 -> its thread word) and the holder hands the lock over on release
+ * instead of freeing it:
+ *
+ *   want  0 none; W a reader waits; W | HANDED the holder committed to W
+ *
+ * The holder CASes W -> W | HANDED, then stores owner = W with release
+ * (SYNC POINT: lock, as for any release) and signals the lock's event. A
+ * reader giving up CASes W -> 0; if that fails the lock is on its way and
+ * it waits for it. A registered reader that died is unregistered by the
+ * next holder (CAS W -> 0 after a liveness check); one that died holding
+ * the handed lock is an ordinary dead holder. The reader waits in slices of
+ * 1 ms between which it withdraws and tries the seqlock again (a publisher
+ * stopped mid-copy leaves a buffer it can read): so no reader waits on a
+ * dead or stopped process, and a live one serves it within one publish.
+ * ------------------------------------------------------------------------ */
+enum { SG_ARRAY_LIVE = 0, SG_ARRAY_BACKUP = 1 };
+
+typedef struct sg_array_buf {
+    uint64_t seq;          /* see above; the writer-lock holder stores, readers load */
+    uint64_t ver;          /* version the buffer holds once seq is even; the holder stores */
+} sg_array_buf;
+
+typedef struct sg_array_hdr {
+    /* line 0: parameters, written by the creator before the dirent is READY */
+    uint64_t nbytes;       /* bytes of one version */
+    uint64_t stride;       /* nbytes rounded up to 64: buffer 1 starts at data + stride */
+    uint64_t data;         /* offset of buffer 0 from the segment base; 64-aligned */
+    uint64_t desc_hash;    /* sg_hash64 of the description (also the dirent's param[1]) */
+    uint32_t desc_len;     /* bytes of the description that follows the header */
+    uint32_t _pad0a;
+    uint8_t _pad0[SG_CACHE_LINE - 40];
+    /* line 1: the publishers' robust lock (fields as in sg_lock_hdr) */
+    sg_lock_hdr writer;
+    /* line 2: the buffers' seqlocks. Written by the writer-lock holder only. */
+    sg_array_buf buf[2];
+    uint8_t _pad2[SG_CACHE_LINE - 32];
+    /* line 3: the newest complete version, stored (release) once LIVE holds
+     * it, and what the holder counts. Writer-lock holder writes, all read. */
+    uint64_t version;      /* SYNC POINT: array-version */
+    uint64_t publishes;    /* versions published */
+    uint64_t repairs;      /* buffers repaired after a writer died mid-copy */
+    uint8_t _pad3[SG_CACHE_LINE - 24];
+    /* line 4: written by readers. Sleepers in wait_version wait on
+     * `published` (an event, see Events; publishers signal it); `locked_reads`
+     * counts snapshots that had to take the writer lock; `want` is the
+     * reader waiting to be handed the writer lock (see above): readers and
+     * the lock holder CAS it. */
+    uint32_t published;
+    uint32_t _pad4a;
+    uint64_t locked_reads;
+    uint64_t want;
+    uint8_t _pad4[SG_CACHE_LINE - 24];
+} sg_array_hdr;
+
+_Static_assert(offsetof(sg_array_hdr, writer) == SG_CACHE_LINE, "writer lock on its own line");
+_Static_assert(offsetof(sg_array_hdr, buf) == 2 * SG_CACHE_LINE, "seqlock line");
+_Static_assert(offsetof(sg_array_hdr, version) == 3 * SG_CACHE_LINE, "version line");
+_Static_assert(offsetof(sg_array_hdr, published) == 4 * SG_CACHE_LINE, "readers' line");
+_Static_assert(offsetof(sg_array_hdr, want) == 4 * SG_CACHE_LINE + 16, "layout");
+_Static_assert(sizeof(sg_array_hdr) == 5 * SG_CACHE_LINE, "description starts after five lines");
+_Static_assert(sizeof(sg_array_buf) == 16, "layout");
+
+#define SG_ARRAY_ALIGN 64u
+#define SG_ARRAY_HANDED (1ull << 63) /* in `want`: thread words use bits 0-61 */
 
 #endif /* SG_LAYOUT_H */

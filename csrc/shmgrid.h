@@ -70,6 +70,7 @@
 #define SG_KIND_TOPIC 3
 #define SG_KIND_COUNTER 4
 #define SG_KIND_LOCK 5
+#define SG_KIND_ARRAY 6
 #define SG_DEFAULT_RING_SLOTS 1024
 #define SG_DEFAULT_SLOT_SIZE 256
 #define SG_DEFAULT_TOPIC_CAPACITY 1024
@@ -85,6 +86,8 @@
 #define SG_DEFAULT_CAPACITY 16384
 #define SG_DEFAULT_MAX_KEY 256
 #define SG_DEFAULT_MAX_VALUE 4096
+#define SG_ARRAY_DESC_MAX 4096
+#define SG_ARRAY_MAX_BYTES 2147418112
 
 typedef struct sg_grid sg_grid;
 typedef struct sg_map sg_map;
@@ -95,6 +98,7 @@ typedef struct sg_sub sg_sub;
 typedef struct sg_counter sg_counter;
 typedef struct sg_lock sg_lock;
 typedef struct sg_watch sg_watch;
+typedef struct sg_array sg_array;
 
 typedef struct sg_grid_info {
     uint64_t size;         /* bytes of the segment */
@@ -532,6 +536,63 @@ void sg_event_poke(uint32_t *word);
  * words again), SG_ESYS if the kernel has no futex_waitv (Linux < 5.16)
  * or it failed otherwise. */
 int sg_event_waitv(uint32_t **words, const uint32_t *vals, uint32_t n, int64_t timeout_ns);
+
+/* ---- arrays -----------------------------------------------------------------
+ *
+ * A fixed-size buffer that publishers replace as whole versions while
+ * readers take consistent snapshots (protocol: sg_layout.h, "Array"). A
+ * snapshot is one complete published version, never a mix, even when a
+ * publisher is killed or stopped in the middle of its copy; no reader ever
+ * waits on a dead process. Versions count publishes from 0 (all zeroes).
+ * The live buffer (sg_array_live) is what publishers write first; writes
+ * made through it directly are not versioned and not atomic.
+ */
+typedef struct sg_array_info {
+    uint64_t nbytes;
+    uint64_t version;       /* newest complete version */
+    uint64_t publishes;
+    uint64_t repairs;       /* buffers repaired after a publisher died mid-copy */
+    uint64_t locked_reads;  /* snapshots that took the writer lock (publishers kept winning) */
+    uint64_t owner_deaths;  /* writer locks taken over from a dead holder */
+    uint64_t seq[2];        /* the live and backup buffers' seqlock words */
+    uint64_t ver[2];        /* and the versions they hold */
+    uint32_t desc_len;
+    uint32_t writer_tid;    /* thread holding the writer lock, 0 if none */
+    uint32_t writer_alive;
+    uint32_t waiters;       /* live processes with a thread in sg_array_wait */
+} sg_array_info;
+
+/* Create or open array `name`. With desc (desc_len bytes, at most
+ * SG_ARRAY_DESC_MAX) the array is created if missing, holding nbytes
+ * (at most SG_ARRAY_MAX_BYTES) zero bytes, and an existing one must have
+ * exactly this description and size (SG_EMISMATCH). desc NULL: open an
+ * existing array whatever its description (SG_NO if there is none). */
+int sg_array_open(sg_grid *g, const char *name, const char *desc, size_t desc_len, uint64_t nbytes, sg_array **out);
+void sg_array_free(sg_array *a);
+/* The description (copied into out, up to cap bytes); returns its length. */
+int64_t sg_array_desc(sg_array *a, char *out, size_t cap);
+uint64_t sg_array_nbytes(sg_array *a);
+/* The live buffer: nbytes, 64-byte aligned, valid while the grid is mapped. */
+void *sg_array_live(sg_array *a);
+/* Copy the newest complete version into out (nbytes); *version receives its
+ * number. Waits only if publishers keep overwriting both buffers during
+ * the copy, and then at most timeout_ns for the writer lock: SG_EAGAIN. */
+int sg_array_snapshot(sg_array *a, void *out, int64_t timeout_ns, uint64_t *version);
+/* Publish src (nbytes) as the next version, waiting up to timeout_ns for
+ * other publishers; *version receives its number. SG_OK, SG_EAGAIN,
+ * SG_EINTR. A publisher that died holding the writer lock is recovered. */
+int sg_array_publish(sg_array *a, const void *src, int64_t timeout_ns, uint64_t *version);
+/* The newest complete version. */
+uint64_t sg_array_version(sg_array *a);
+/* Wait until the version is above `after`: SG_OK with it in *version,
+ * SG_EAGAIN at the timeout, SG_EINTR. */
+int sg_array_wait(sg_array *a, uint64_t after, int64_t timeout_ns, uint64_t *version);
+/* Take the writer lock (waiting up to timeout_ns), repair what a dead
+ * publisher left and check the seqlock words, release: SG_OK (repaired),
+ * SG_NO (nothing to repair), SG_ECORRUPT, SG_EAGAIN, SG_EINTR. */
+int sg_array_repair(sg_array *a, int64_t timeout_ns);
+/* Figures, read without the writer lock (they may be mid-publish). */
+int sg_array_info_get(sg_array *a, sg_array_info *out);
 /* CDEF END */
 
 #endif /* SHMGRID_H */

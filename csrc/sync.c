@@ -152,9 +152,8 @@ void sg_lock_free(sg_lock *l)
 
 /* One attempt: SG_OK or SG_OWNERDIED when taken, SG__EMPTY when held by a
  * live thread (or, without check_dead, by anyone). */
-static int sg__lock_try(sg_lock *l, uint64_t me, int check_dead)
+static int sg__mutex_try(sg_lock_hdr *h, uint64_t me, int check_dead)
 {
-    sg_lock_hdr *h = l->hdr;
     uint64_t cur = 0;
     /* SYNC POINT: lock (acquire): what the last holder wrote is visible */
     if (sg_cas_acquire(&h->owner, &cur, me)) {
@@ -171,14 +170,12 @@ static int sg__lock_try(sg_lock *l, uint64_t me, int check_dead)
     return SG_OWNERDIED;
 }
 
-static int sg__lock_free_now(void *hdr) { return sg_load_relaxed(&((sg_lock_hdr *)hdr)->owner) == 0; }
+static int sg__mutex_free_now(void *hdr) { return sg_load_relaxed(&((sg_lock_hdr *)hdr)->owner) == 0; }
 
-int sg_lock_acquire(sg_lock *l, int64_t timeout_ns)
+int sg__mutex_acquire(sg_grid *g, uint64_t obj, sg_lock_hdr *h, uint32_t *spin, int64_t timeout_ns)
 {
-    SG_CHECK_GRID(l->g);
-    sg_lock_hdr *h = l->hdr;
     uint64_t me = sg__thread_word();
-    int rc = sg__lock_try(l, me, 0);
+    int rc = sg__mutex_try(h, me, 0);
     if (rc != SG__EMPTY)
         return rc;
     if (sg_load_relaxed(&h->owner) == me)
@@ -186,16 +183,16 @@ int sg_lock_acquire(sg_lock *l, int64_t timeout_ns)
     uint64_t deadline = sg__deadline(timeout_ns);
     for (;;) {
         if (timeout_ns != 0)
-            sg__spin(&l->spin, sg__lock_free_now, h);
-        if ((rc = sg__lock_try(l, me, 1)) != SG__EMPTY)
+            sg__spin(spin, sg__mutex_free_now, h);
+        if ((rc = sg__mutex_try(h, me, 1)) != SG__EMPTY)
             return rc;
         if (timeout_ns == 0)
             return sg__fail(SG_EAGAIN, "lock is held by thread %llu",
                             (unsigned long long)(sg_load_relaxed(&h->owner) & SG_PW_PID_MASK));
         uint32_t v = sg__event_prepare(&h->event);
-        if ((rc = sg__lock_try(l, me, 0)) != SG__EMPTY)
+        if ((rc = sg__mutex_try(h, me, 0)) != SG__EMPTY)
             return rc;
-        rc = sg__event_sleep(l->g, l->obj, &h->event, v, deadline, SG_LOCK_SLICE_NS);
+        rc = sg__event_sleep(g, obj, &h->event, v, deadline, SG_LOCK_SLICE_NS);
         if (rc == SG_EAGAIN)
             return sg__fail(SG_EAGAIN, "lock is held by thread %llu: timed out",
                             (unsigned long long)(sg_load_relaxed(&h->owner) & SG_PW_PID_MASK));
@@ -204,10 +201,8 @@ int sg_lock_acquire(sg_lock *l, int64_t timeout_ns)
     }
 }
 
-int sg_lock_release(sg_lock *l)
+int sg__mutex_release(sg_lock_hdr *h)
 {
-    SG_CHECK_GRID(l->g);
-    sg_lock_hdr *h = l->hdr;
     uint64_t cur = sg__thread_word();
     /* SYNC POINT: lock (release): what we wrote holding it is visible to the next holder */
     if (!sg_cas_release(&h->owner, &cur, 0)) {
@@ -221,6 +216,18 @@ int sg_lock_release(sg_lock *l)
 }
 
 uint32_t *sg_lock_event(sg_lock *l) { return l->g->base ? &l->hdr->event : NULL; }
+
+int sg_lock_acquire(sg_lock *l, int64_t timeout_ns)
+{
+    SG_CHECK_GRID(l->g);
+    return sg__mutex_acquire(l->g, l->obj, l->hdr, &l->spin, timeout_ns);
+}
+
+int sg_lock_release(sg_lock *l)
+{
+    SG_CHECK_GRID(l->g);
+    return sg__mutex_release(l->hdr);
+}
 
 int sg_lock_info_get(sg_lock *l, sg_lock_info *out)
 {

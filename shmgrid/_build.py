@@ -12,7 +12,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC_ABS = os.path.join(os.path.dirname(_HERE), "csrc")
 # setuptools wants source paths relative to the project root (its cwd)
 _CSRC = os.path.relpath(_CSRC_ABS)
-SOURCES = ["segment.c", "heap.c", "map.c", "wait.c", "ring.c", "topic.c", "sync.c", "feed.c", "batch.c"]
+SOURCES = ["segment.c", "heap.c", "map.c", "wait.c", "ring.c", "topic.c", "sync.c", "feed.c", "batch.c", "array.c"]
 
 
 def read_cdef(header=os.path.join(_CSRC_ABS, "shmgrid.h")):

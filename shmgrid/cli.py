@@ -63,6 +63,13 @@ def _details(kind: str, r: Optional[Dict[str, Any]]) -> str:
         held = (f"held by tid {r['owner_tid']} ({'alive' if r['owner_alive'] else 'dead: the next acquirer takes it'})"
                 if r["owner_tid"] else "free")
         return f"{held}, waiters {r['waiters']}, acquisitions {r['acquisitions']}, owner deaths {r['owner_deaths']}"
+    if kind == "array" and "version" in r:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        writer = (f", writer tid {r['writer_tid']} ({'publishing' if r['writer_alive'] else 'dead: the next publisher repairs'})"
+                  if r["writer_tid"] else "")
+        return (f"{shape} {r['dtype']} ({_human(r['nbytes'])}), version {r['version']}, publishes {r['publishes']}, "
+                f"repairs {r['repairs']} (dead publishers), locked reads {r['locked_reads']}, waiters {r['waiters']}"
+                + writer + ("" if r.get("checked", True) else ", busy: not checked"))
     return "-"
 
 
@@ -188,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = sub.add_parser("rm", help="unlink grids (attached processes keep their mapping)")
     s.add_argument("names", nargs="+")
     s.set_defaults(fn=cmd_rm)
-    s = sub.add_parser("demo", help="processes sharing a map, then a ring/topic/counter pipeline; live figures and exact checks")
+    s = sub.add_parser("demo", help="processes sharing a map, then a ring/topic/counter pipeline, then a shared numpy array; "
+                                           "live figures and exact checks")
     s.add_argument("--workers", type=int, default=4)
     s.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     s.add_argument("--keys", type=int, default=2000)

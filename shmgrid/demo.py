@@ -11,7 +11,14 @@ Stage 2, a pipeline. Producers put numbered jobs into the ring "jobs" in
 batches; workers take batches, square the numbers, put the results into
 the ring "results" and add to the counter "processed"; the parent collects
 every result, then broadcasts "stop" on the topic "control". It checks each
-job came back exactly once with the right square, and removes the grid.
+job came back exactly once with the right square.
+
+Stage 3, a shared numpy array (needs numpy). One process publishes frames
+into the array "frame": frame k holds k + 0, k + 1, ... so its first element
+names it and every element proves it belongs to the same frame. Readers
+take snapshots and check each is exactly the frame its version number says,
+never a mix; the parent peeks at the live array meanwhile. Then the grid is
+removed.
 """
 from __future__ import annotations
 
@@ -150,6 +157,99 @@ def _pipeline(name: str, grid: Grid, workers: int, jobs_total: int) -> bool:
     return ok
 
 
+_FRAME = (512, 512)  # int64: 2 MiB a frame
+
+
+def _frame_publisher(grid_name: str, stop: Any) -> None:
+    import numpy as np
+
+    grid = Grid.attach(grid_name)
+    frame = grid.array("frame")
+    base = np.arange(frame.size, dtype=np.int64).reshape(frame.shape)
+    nxt = frame.version + 1
+    while not stop.is_set():
+        v = frame.publish(base + nxt)  # the single publisher: frame k is version k
+        nxt = v + 1
+    del frame
+    grid.close()
+
+
+def _frame_reader(grid_name: str, stop: Any) -> None:
+    import numpy as np
+
+    grid = Grid.attach(grid_name)
+    frame = grid.array("frame")
+    snaps, wrong = grid.counter("snapshots"), grid.counter("wrong")
+    base = np.arange(frame.size, dtype=np.int64).reshape(frame.shape)
+    out = np.empty_like(base)
+    n = bad = 0
+    last = 0
+    while not stop.is_set():
+        # wait for a version newer than the last one seen, then copy it
+        try:
+            frame.wait_version(last, timeout=0.1)
+        except TimeoutError:
+            continue
+        _, v = frame.snapshot(out=out)
+        bad += v < last or not np.array_equal(out, base + v)
+        last = v
+        n += 1
+        if n % 64 == 0:
+            snaps.add(64)
+    snaps.add(n % 64)
+    wrong.add(bad)
+    del frame
+    grid.close()
+
+
+def _array_stage(name: str, grid: Grid, readers: int, seconds: float) -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        print("array stage: skipped (numpy is not importable here)")
+        return True
+    frame = grid.array("frame", _FRAME, "int64")
+    snaps, wrong = grid.counter("snapshots"), grid.counter("wrong")
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    mb = frame.nbytes / 2**20
+    print(f"array: 1 process publishes {_FRAME[0]}x{_FRAME[1]} int64 frames ({mb:g} MiB) into array 'frame', "
+          f"{readers} processes snapshot each new version, for {seconds:g} s")
+    procs = [ctx.Process(target=_frame_publisher, args=(name, stop), daemon=True)]
+    procs += [ctx.Process(target=_frame_reader, args=(name, stop), daemon=True) for _ in range(readers)]
+    for p in procs:
+        p.start()
+    t0 = last_t = time.monotonic()
+    last_v = last_s = 0
+    while (now := time.monotonic()) - t0 < seconds:
+        time.sleep(min(0.5, max(0.05, seconds - (now - t0))))
+        now = time.monotonic()
+        v, s = frame.version, snaps.get()
+        dt = max(now - last_t, 1e-9)
+        print(f"  {now - t0:5.1f} s  version {v:8,}  {(v - last_v) / dt:8,.0f} publishes/s  "
+              f"{(s - last_s) / dt:8,.0f} snapshots/s ({(s - last_s) * mb / 1024 / dt:5.2f} GiB/s)  "
+              f"live frame[0, 0] = {frame[0, 0]}", flush=True)
+        last_v, last_s, last_t = v, s, now
+    stop.set()
+    for p in procs:
+        p.join(timeout=10)
+    stuck = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    snap, v = frame.snapshot()
+    st = frame.stats()
+    exact = snap[0, 0] == v and (snap.ravel() - snap.ravel()[0] == numpy.arange(snap.size)).all()
+    ok = (not stuck and wrong.get() == 0 and bool(exact) and st["publishes"] == v and st["repairs"] == 0
+          and snaps.get() > 0 and all(p.exitcode == 0 for p in procs))
+    print(f"done: {v:,} versions published, {snaps.get():,} snapshots taken")
+    print(f"check: {wrong.get()} snapshots were not exactly the frame their version names; the last version "
+          f"{v:,} is {'whole' if exact else 'TORN'}; publishes counted {st['publishes']:,}"
+          + (f"; processes that did not stop: {stuck}" if stuck else ""))
+    del frame, snap
+    return ok
+
+
 def _read_int(m: Any, key: bytes) -> int:
     v = m.get(key)
     return struct.unpack("<q", v)[0] if v else 0
@@ -207,7 +307,9 @@ def run_demo(workers: int = 4, duration: float = 10.0, keys: int = 2000, jobs: i
         print("map stage: " + ("PASS" if ok else "FAIL"))
         piped = _pipeline(name, grid, max(1, min(workers, 4)), jobs)
         print("pipeline stage: " + ("PASS" if piped else "FAIL"))
-        ok = ok and piped
+        arrayed = _array_stage(name, grid, max(2, min(workers, 4) - 1), min(duration, 2.0))
+        print("array stage: " + ("PASS" if arrayed else "FAIL"))
+        ok = ok and piped and arrayed
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
     finally:

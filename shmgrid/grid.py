@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Union
@@ -28,6 +29,7 @@ from ._core import ffi, lib
 from .errors import Busy, CapacityError, Closed, InvalidArgument, InvalidName, SegmentExists, SegmentNotFound, raise_for
 
 if TYPE_CHECKING:
+    from .array import SharedArray
     from .map import Map
     from .ring import Ring
     from .sync import Counter, Lock
@@ -97,7 +99,7 @@ class _hybrid:
 
 
 _KINDS = {lib.SG_KIND_MAP: "map", lib.SG_KIND_RING: "ring", lib.SG_KIND_TOPIC: "topic",
-          lib.SG_KIND_COUNTER: "counter", lib.SG_KIND_LOCK: "lock"}
+          lib.SG_KIND_COUNTER: "counter", lib.SG_KIND_LOCK: "lock", lib.SG_KIND_ARRAY: "array"}
 
 _open_grids: "weakref.WeakSet[Grid]" = weakref.WeakSet()
 
@@ -131,6 +133,10 @@ class Grid:
         self._h = ffi.gc(handle, lib.sg_grid_free)
         self._name = name
         self._closed = False
+        # Shared arrays handed out as numpy memory pin the mapping: close()
+        # waits for the last of them to be collected before unmapping.
+        self._pins = 0
+        self._pin_lock = threading.Lock()
         _open_grids.add(self)
 
     # ---- lifecycle --------------------------------------------------------
@@ -177,13 +183,30 @@ class Grid:
 
     def close(self) -> None:
         """Unmap the segment and leave its process table. Idempotent. Never
-        unlinks."""
-        if not self._closed:
+        unlinks. While shared arrays of this grid (or views of them) are
+        still referenced, the grid is closed for every call but stays
+        mapped until the last of them is collected."""
+        with self._pin_lock:
+            if self._closed:
+                return
             self._closed = True
             for hook in _close_hooks:
                 hook(self._h)
-            lib.sg_grid_close(self._h)
             _open_grids.discard(self)
+            if self._pins == 0:
+                lib.sg_grid_close(self._h)
+
+    def _pin(self) -> None:
+        with self._pin_lock:
+            if self._closed:
+                raise Closed(f"grid {self._name!r} is closed")
+            self._pins += 1
+
+    def _unpin(self) -> None:
+        with self._pin_lock:
+            self._pins -= 1
+            if self._pins == 0 and self._closed:
+                lib.sg_grid_close(self._h)
 
     def _unlink_self(self) -> None:
         """Remove this grid's name (the segment lives on while attached)."""
@@ -296,6 +319,21 @@ class Grid:
 
         return Lock._open(self, name)
 
+    def array(self, name: str, shape: Any = None, dtype: Any = None) -> "SharedArray":
+        """Create or open the shared numpy array ``name``: a
+        :class:`~shmgrid.array.SharedArray` (an ``ndarray``) backed by the
+        segment, all zeroes when created (version 0), 64-byte aligned.
+        ``shape`` and ``dtype`` (default float64, any dtype without Python
+        objects, structured ones included) matter on creation; on an
+        existing array they must match exactly (ObjectMismatch), and both
+        may be left out to open it as it is. ``publish(new)`` /
+        ``snapshot()`` replace and read whole versions atomically; writes
+        through the array itself are not atomic (see shmgrid.array).
+        Needs numpy."""
+        from .array import open_array
+
+        return open_array(self, name, shape, dtype)
+
     # ---- introspection ------------------------------------------------------
 
     def info(self) -> Dict[str, int]:
@@ -395,6 +433,18 @@ def _object_report(grid: "Grid", o: Dict[str, Any]) -> Dict[str, Any]:
         return {"kind": kind, "value": grid.counter(name).get()}
     if kind == "lock":
         return {"kind": kind, **grid.lock(name).stats()}
+    if kind == "array":
+        try:
+            from .array import _Handle
+        except ImportError:  # numpy missing: the directory entry is all we can show
+            return {"kind": kind}
+        a = _Handle(grid, name)
+        try:  # repairs what a dead publisher left, and checks the seqlock words
+            a.repair(timeout=0.05)
+            checked = True
+        except Busy:  # a live publisher holds the writer lock
+            checked = False
+        return {"kind": kind, "checked": checked, **a.stats()}
     return {"kind": kind}
 
 

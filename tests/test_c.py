@@ -8,7 +8,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-LIBRARY = [os.path.join(CSRC, f) for f in ("segment.c", "heap.c", "map.c", "wait.c", "ring.c", "topic.c", "sync.c", "feed.c", "batch.c")]
+LIBRARY = [os.path.join(CSRC, f) for f in ("segment.c", "heap.c", "map.c", "wait.c", "ring.c", "topic.c", "sync.c",
+                                           "feed.c", "batch.c", "array.c")]
 PROGRAMS = {"test_core": "tests/test_core.c", "test_msg": "tests/test_msg.c", "test_batch": "tests/test_batch.c"}
 STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"]
 

@@ -106,6 +106,7 @@ def test_demo_runs_checks_and_cleans_up():
     assert "ops/s" in r.stdout and "exact" in r.stdout and r.stdout.rstrip().endswith("PASS")
     assert "map stage: PASS" in r.stdout and "pipeline stage: PASS" in r.stdout
     assert "100,000 of 100,000 jobs came back exactly once" in r.stdout
+    assert "array stage: PASS" in r.stdout and "0 snapshots were not exactly the frame" in r.stdout
     grid = r.stdout.split("grid '")[1].split("'")[0]
     assert grid.startswith("shmgrid-demo-") and not os.path.exists(f"/dev/shm/{grid}")
 

@@ -357,6 +357,195 @@ static void test_records(sg_grid *g)
     sg_map_free(b);
 }
 
+/* ------------------------------------------------------------------------ */
+/* arrays                                                                   */
+
+#define ARR_WORDS 1000 /* 8000 bytes: a copy takes long enough to race */
+
+static sg_array_hdr *array_hdr(sg_grid *g, const char *name, uint64_t *obj)
+{
+    for (uint32_t i = 0; i < SG_DIR_SIZE; i++) {
+        sg_object_info o;
+        if (sg_grid_object(g, i, &o) == SG_OK && strcmp(o.name, name) == 0) {
+            sg_dirent *e = (sg_dirent *)(g->base + SG_DIR_OFF) + i;
+            *obj = e->obj;
+            return (sg_array_hdr *)((sg_block *)(g->base + e->obj))->payload;
+        }
+    }
+    return NULL;
+}
+
+static void fill(uint64_t *w, uint64_t v)
+{
+    for (int i = 0; i < ARR_WORDS; i++)
+        w[i] = v * 1000003u + (uint64_t)i;
+}
+
+/* 1 if w is version v's contents, as fill() made them */
+static int is_version(const uint64_t *w, uint64_t v)
+{
+    for (int i = 0; i < ARR_WORDS; i++)
+        if (w[i] != v * 1000003u + (uint64_t)i)
+            return 0;
+    return 1;
+}
+
+/* A forked child takes the writer lock and starts a seqlock section on
+ * buffer `which` the way sg_array_publish does, writes half of version v
+ * into it, and exits holding the lock: a publisher killed mid-copy. With
+ * which == BACKUP it first completes the live section, as a publisher
+ * does; with which == 2 it completes the live section only (killed
+ * between the two). */
+static void die_mid_publish(sg_grid *g, const char *name, int which, uint64_t v)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        uint64_t obj;
+        sg_array_hdr *h = array_hdr(g, name, &obj);
+        uint32_t spin = SG_SPIN_START_NS;
+        if (sg__mutex_acquire(g, obj, &h->writer, &spin, -1) < 0)
+            _exit(2);
+        uint64_t *live = (uint64_t *)(g->base + h->data), *bufs[2] = {live, live + h->stride / 8};
+        uint64_t src[ARR_WORDS];
+        fill(src, v);
+        for (int i = 0; i <= (which == 2 ? 0 : which); i++) {
+            uint64_t s = h->buf[i].seq;
+            sg_store_relaxed(&h->buf[i].seq, s + 1);
+            sg_fence_release();
+            sg_store_relaxed(&h->buf[i].ver, v);
+            sg_copy_in(bufs[i], src, i < which ? sizeof src : sizeof src / 2);
+            if (i < which) {
+                sg_store_release(&h->buf[i].seq, s + 2);
+                sg_store_release(&h->version, v);
+            }
+        }
+        _exit(0);
+    }
+    int st;
+    CHECK(pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+typedef struct arr_reader {
+    sg_array *a;
+    volatile int *stop;
+    uint64_t snaps, torn, backwards;
+} arr_reader;
+
+static void *arr_read_loop(void *p)
+{
+    arr_reader *r = p;
+    uint64_t buf[ARR_WORDS], v, last = 0;
+    while (!*r->stop) {
+        if (sg_array_snapshot(r->a, buf, -1, &v) != SG_OK || !is_version(buf, v))
+            r->torn++;
+        if (v < last)
+            r->backwards++;
+        last = v;
+        r->snaps++;
+    }
+    return NULL;
+}
+
+static void test_array(sg_grid *g)
+{
+    sg_array *a, *b;
+    uint64_t buf[ARR_WORDS], src[ARR_WORDS], v;
+    char desc[64];
+    const char *d1 = "((1000,), '<u8')";
+    CHECK(sg_array_open(g, "arr", NULL, 0, 0, &a) == SG_NO);
+    CHECK(sg_array_open(g, "arr", d1, strlen(d1), sizeof buf, &a) == SG_OK);
+    CHECK(sg_array_open(g, "arr", "((1000,), '<i8')", 16, sizeof buf, &b) == SG_EMISMATCH);
+    CHECK(sg_array_open(g, "arr", d1, strlen(d1), sizeof buf + 8, &b) == SG_EMISMATCH);
+    CHECK(sg_array_open(g, "arr", NULL, 0, 0, &b) == SG_OK);
+    CHECK(sg_array_desc(b, desc, sizeof desc) == (int64_t)strlen(d1) && memcmp(desc, d1, strlen(d1)) == 0);
+    CHECK(sg_array_nbytes(b) == sizeof buf);
+    CHECK((uintptr_t)sg_array_live(a) % 64 == 0 && sg_array_live(a) == sg_array_live(b));
+    sg_counter *c;
+    CHECK(sg_counter_open(g, "arr", &c) == SG_EMISMATCH); /* the name is an array's */
+    char big[SG_ARRAY_DESC_MAX + 1] = {0};
+    CHECK(sg_array_open(g, "arr2", big, sizeof big, 8, &b) == SG_EINVAL);
+    CHECK(sg_array_open(g, "arr2", d1, strlen(d1), (uint64_t)SG_ARRAY_MAX_BYTES + 1, &b) == SG_EINVAL);
+
+    /* version 0 is all zeroes; publish, snapshot, the live buffer */
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 0 && buf[0] == 0 && buf[ARR_WORDS - 1] == 0);
+    fill(src, 1);
+    CHECK(sg_array_publish(a, src, 0, &v) == SG_OK && v == 1 && sg_array_version(a) == 1);
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 1 && is_version(buf, 1));
+    CHECK(is_version(sg_array_live(a), 1));
+    CHECK(sg_array_wait(a, 0, 0, &v) == SG_OK && v == 1);
+    CHECK(sg_array_wait(a, 1, 0, &v) == SG_EAGAIN);
+    CHECK(sg_array_wait(a, 1, 20000000, &v) == SG_EAGAIN);
+    CHECK(sg_array_repair(a, 0) == SG_NO);
+
+    /* a publisher killed writing the live buffer: readers get version 1
+     * from the backup; the next publisher repairs and goes on */
+    sg_array_info info;
+    die_mid_publish(g, "arr", SG_ARRAY_LIVE, 2);
+    CHECK(sg_array_info_get(a, &info) == SG_OK && (info.seq[0] & 1) && info.writer_tid && !info.writer_alive);
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 1 && is_version(buf, 1));
+    CHECK(sg_array_version(a) == 1);
+    fill(src, 2);
+    CHECK(sg_array_publish(a, src, 0, &v) == SG_OK && v == 2);
+    CHECK(sg_array_info_get(a, &info) == SG_OK && info.repairs == 1 && info.owner_deaths == 1 &&
+          !(info.seq[0] & 1) && !(info.seq[1] & 1) && info.ver[0] == 2 && info.ver[1] == 2);
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 2 && is_version(buf, 2));
+
+    /* killed writing the backup: the live buffer already holds version 3 */
+    die_mid_publish(g, "arr", SG_ARRAY_BACKUP, 3);
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 3 && is_version(buf, 3));
+    CHECK(sg_array_wait(a, 2, 0, &v) == SG_OK && v == 3);
+    /* killed between its two sections: version 4 is complete in the live
+     * buffer only, and it is what a snapshot returns (not the backup's 3) */
+    sg_array *r;
+    CHECK(sg_array_open(g, "arr", NULL, 0, 0, &r) == SG_OK); /* repairs 3 first */
+    sg_array_free(r);
+    die_mid_publish(g, "arr", 2, 4);
+    CHECK(sg_array_info_get(a, &info) == SG_OK && info.ver[0] == 4 && info.ver[1] == 3 && !(info.seq[0] & 1) &&
+          !(info.seq[1] & 1));
+    CHECK(sg_array_snapshot(a, buf, 0, &v) == SG_OK && v == 4 && is_version(buf, 4));
+    /* opening repairs what a dead publisher left (its lock is free to take) */
+    CHECK(sg_array_open(g, "arr", NULL, 0, 0, &r) == SG_OK);
+    CHECK(sg_array_info_get(a, &info) == SG_OK && info.repairs == 3 && info.owner_deaths == 3 && info.ver[1] == 4 &&
+          !(info.seq[1] & 1) && info.writer_tid == 0);
+    uint64_t obj;
+    sg_array_hdr *h = array_hdr(g, "arr", &obj);
+    CHECK(is_version((uint64_t *)(g->base + h->data + h->stride), 4));
+    sg_array_free(r);
+
+    /* both buffers odd breaks the protocol: reported, never "repaired" */
+    uint64_t keep0 = h->buf[0].seq, keep1 = h->buf[1].seq;
+    CHECK(!(keep0 & 1) && !(keep1 & 1));
+    h->buf[0].seq |= 1;
+    h->buf[1].seq |= 1;
+    CHECK(sg_array_repair(a, 0) == SG_ECORRUPT);
+    CHECK(sg_array_publish(a, src, 0, &v) == SG_ECORRUPT);
+    h->buf[0].seq = keep0;
+    h->buf[1].seq = keep1;
+    CHECK(sg_array_repair(a, 0) == SG_NO);
+
+    /* one publisher thread, three readers: never a torn or older version */
+    volatile int stop = 0;
+    arr_reader rd[3];
+    pthread_t th[3];
+    for (int i = 0; i < 3; i++) {
+        rd[i] = (arr_reader){a, &stop, 0, 0, 0};
+        CHECK(pthread_create(&th[i], NULL, arr_read_loop, &rd[i]) == 0);
+    }
+    uint64_t last = sg_array_version(a);
+    for (int k = 0; k < 3000; k++) {
+        fill(src, last + 1);
+        CHECK(sg_array_publish(a, src, -1, &v) == SG_OK && v == last + 1);
+        last = v;
+    }
+    stop = 1;
+    for (int i = 0; i < 3; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(rd[i].snaps > 0 && rd[i].torn == 0 && rd[i].backwards == 0);
+    }
+    sg_array_free(a);
+    sg_array_free(b);
+}
+
 int main(int argc, char **argv)
 {
     const char *name = argc > 1 ? argv[1] : "sg-c-msg";
@@ -371,6 +560,7 @@ int main(int argc, char **argv)
     test_counter_lock(g);
     test_feed(g);
     test_records(g);
+    test_array(g);
     sg_heap_report hr;
     CHECK(sg_grid_validate(g, &hr) == SG_OK);
     sg_grid_free(g);
