@@ -1685,13 +1685,16 @@ int sg_map_types_get(sg_map *m, char *kout, size_t kcap, size_t *klen, char *vou
         return sg__fail(SG_ECORRUPT, "map: its types block is damaged");
     if (!d)
         return SG_NO;
-    if (d->key_len > kcap || d->value_len > vcap)
-        return sg__fail(SG_EINVAL, "type descriptions of %u and %u bytes do not fit in %zu and %zu", d->key_len,
-                        d->value_len, kcap, vcap);
-    memcpy(kout, d->text, d->key_len);
-    memcpy(vout, d->text + d->key_len, d->value_len);
-    *klen = d->key_len;
-    *vlen = d->value_len;
+    /* read once: the block is shared memory, and a second read of a length
+     * could differ from the one checked */
+    uint32_t kl = d->key_len, vl = d->value_len;
+    if (kl > kcap || vl > vcap)
+        return sg__fail(SG_EINVAL, "type descriptions of %u and %u bytes do not fit in %zu and %zu", kl, vl, kcap,
+                        vcap);
+    memcpy(kout, d->text, kl);
+    memcpy(vout, d->text + kl, vl);
+    *klen = kl;
+    *vlen = vl;
     return SG_OK;
 }
 

@@ -128,9 +128,16 @@ class Waiter:
 
     # ---- the loop side -------------------------------------------------------
 
-    def register(self, e: _Entry, ptr: Any, grid: int, slice_s: float) -> None:
+    def register(self, e: _Entry, ptr: Any, grid_h: Callable[[], Any], slice_s: float) -> None:
+        """Add e, awaiting word ptr of the grid whose handle ``grid_h()``
+        gives (it raises Closed once the grid is closed). It is called
+        under the mutex: Grid.close marks the grid closed before its hook
+        (forget_grid) takes the mutex, so either the hook finds e and fires
+        it, or this call sees the grid closed. No word is registered after
+        its grid's hook ran, i.e. none is read after the unmap."""
         addr = _addr(ptr)
         with self.mutex:
+            grid = _addr(grid_h())
             g = self.groups.get(addr)
             new = g is None
             if g is None:
@@ -319,17 +326,17 @@ async def wait_until(attempt: Callable[[], Any], event: Any, grid_h: Callable[[]
             return r
         if deadline is not None and loop.time() >= deadline:
             raise on_timeout()
-        probed = await _sleep(loop, event, v[0], grid_h(), owner, deadline, slice_s)
+        probed = await _sleep(loop, event, v[0], grid_h, owner, deadline, slice_s)
 
 
-async def _sleep(loop: asyncio.AbstractEventLoop, event: Any, v: int, grid: Any, owner: Any,
+async def _sleep(loop: asyncio.AbstractEventLoop, event: Any, v: int, grid_h: Callable[[], Any], owner: Any,
                  deadline: Optional[float], slice_s: float) -> bool:
     """Await the waiter thread's word that (event, v) moved, or the
     deadline. Returns whether a probe (not a wake-up) ended it."""
     w = _waiter
     fut: "asyncio.Future[None]" = loop.create_future()
     e = _Entry(loop, fut, v, owner)
-    w.register(e, event, _addr(grid), slice_s)
+    w.register(e, event, grid_h, slice_s)
     timer = loop.call_at(deadline, _resolve, [e]) if deadline is not None else None
     try:
         await fut

@@ -87,15 +87,42 @@ class _Packed:
         return self.keep[i:i + 1].tobytes()  # type: ignore[no-any-return]
 
 
-def _typed_keys(m: Any, keys: Any) -> Tuple[Any, Any]:
+def _exact(x: Any, dt: Any, what: str) -> Any:
+    """``x`` as an array of ``dt``. Into an integer dtype only what it
+    holds exactly: numpy's own cast wraps 2**32 + 5 to 5 in an int32 and
+    truncates 1.5 to 1, which would write another key than the caller
+    named. Into a float dtype, rounding as numpy rounds (the single calls
+    do the same)."""
     np = _np()
-    arr = np.ascontiguousarray(keys, dtype=m._kdt)
+    try:
+        src = None if dt.kind not in "iub" else np.asarray(x)
+        if src is None or src.dtype == dt or src.dtype.kind not in "biuf":
+            return np.asarray(x, dtype=dt)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise InvalidArgument(f"{what}: cannot be {dt}: {e}") from None
+    with np.errstate(invalid="ignore", over="ignore"):
+        arr = src.astype(dt, casting="unsafe")
+        back = arr.astype(src.dtype, casting="unsafe")
+    lost = back != src  # NaN, fractions and most values out of range come back different
+    if src.dtype.kind in "iu" and dt.kind in "iu":  # a wrap keeps the bits: compare the values
+        info = np.iinfo(dt)
+        lost |= (src < info.min) | (src > info.max)
+    if lost.any():
+        i = np.flatnonzero(lost)[0]
+        raise InvalidArgument(f"{what}: element {i} ({src.reshape(-1)[i]!r}) is not exactly a {dt} "
+                              f"({np.count_nonzero(lost)} such)")
+    return arr
+
+
+def _typed_keys(m: Any, keys: Any) -> Tuple[Any, Any]:
+    arr = _exact(keys, m._kdt, "keys")
+    arr = _np().ascontiguousarray(arr)
     return arr.reshape(-1), arr.shape
 
 
 def _typed_values(m: Any, values: Any, shape: Any) -> Any:
     np = _np()
-    arr = np.asarray(values, dtype=m._vdt)
+    arr = _exact(values, m._vdt, "values")
     if arr.shape != shape:
         try:
             arr = np.broadcast_to(arr, shape)
@@ -158,7 +185,8 @@ class _Remote:
                 e.results = results  # type: ignore[attr-defined]
                 raise
             except ShmgridError as e:  # the owner refused it (too large, not an int...)
-                e.failed = [i]  # type: ignore[attr-defined]
+                e.failed = self.idx[j:]  # type: ignore[attr-defined]  # it, and the remote ones after it: not done
+                e.results = results  # type: ignore[attr-defined]
                 raise
 
 
@@ -216,7 +244,8 @@ def get_many(m: Any, keys: Any, default: Any = None, found: Any = None) -> Any:
         return out.reshape(shape)
     # list form: values concatenated in a buffer, as many calls as it takes
     res: List[Any] = [default] * n
-    cap = max(_GET_BUFFER, m._cap)
+    # room for the whole batch at the largest value size, within a bound
+    cap = max(min(_GET_BUFFER, n * m._cap), m._cap, 1)
     buf = ffi.new("char[]", cap)
     view = ffi.buffer(buf, cap)
     kbuf, lens = ffi.from_buffer(pk.data), pk.keep[1]
@@ -226,7 +255,7 @@ def get_many(m: Any, keys: Any, default: Any = None, found: Any = None) -> Any:
                                   ffi.NULL)
         _check(got)
         koff += sum(lens[done:done + got])
-        raw = view[:]
+        raw = view[0:sum(s for s in status[done:done + got] if s > 0)]  # what this call wrote, not all of cap
         off = 0
         for i in range(done, done + got):
             s = status[i]
@@ -316,10 +345,11 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
         d = np.asarray(deltas)
         if d.dtype.kind not in "iub":
             raise TypeError(f"deltas must be integers, not {d.dtype}")
+        d = _exact(d, np.dtype("i8"), "deltas")
         try:
-            d = np.ascontiguousarray(np.broadcast_to(d.astype("i8", casting="safe"), shape)).reshape(-1)
-        except (TypeError, ValueError):
-            raise InvalidArgument(f"deltas of shape {d.shape} (and type {d.dtype}) for keys of shape {shape}") from None
+            d = np.ascontiguousarray(np.broadcast_to(d, shape)).reshape(-1)
+        except ValueError:
+            raise InvalidArgument(f"deltas of shape {d.shape} for keys of shape {shape}") from None
         results = np.zeros(n, dtype="i8")
         cres = ffi.from_buffer("int64_t[]", results) if n else ffi.NULL
         cdel = ffi.from_buffer("int64_t[]", d) if n else ffi.NULL

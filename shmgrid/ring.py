@@ -50,8 +50,14 @@ def _writable(buf: Any) -> Any:
     """A char[] over a writable, contiguous buffer (bytearray, memoryview,
     array.array, numpy array...): its len() is the buffer's bytes."""
     try:
+        fmt = memoryview(buf).format
+    except TypeError:
+        fmt = "B"  # not a buffer: from_buffer says so below
+    if "O" in fmt:  # message bytes over object pointers would crash the interpreter
+        raise TypeError(f"get_into needs a buffer of plain data, not one of Python objects ({type(buf).__name__})")
+    try:
         return ffi.from_buffer(buf, require_writable=True)
-    except (TypeError, BufferError):
+    except (TypeError, BufferError, ValueError):
         raise TypeError(f"get_into needs a writable contiguous buffer, not {type(buf).__name__}") from None
 
 

@@ -23,7 +23,8 @@ import struct
 from typing import Any, Iterator, Optional, Tuple
 
 from ._core import ffi, lib
-from .errors import InvalidArgument, NotAnInteger, raise_for
+from .errors import CorruptSegment, InvalidArgument, NotAnInteger, raise_for
+from .batch import _exact
 from .map import Map
 
 __all__ = ["TypedMap"]
@@ -50,9 +51,18 @@ def _describe(dt: Any, what: str) -> bytes:
     return repr(np.lib.format.dtype_to_descr(dt)).encode("ascii")
 
 
-def _undescribe(text: bytes) -> Any:
+def _undescribe(text: bytes, width: int, what: str) -> Any:
+    """A dtype read back from the segment, checked as carefully as one
+    given to create the map: whatever wrote the segment (another program,
+    damage) must not make us hand numpy object pointers to C."""
     np = _np()
-    return np.lib.format.descr_to_dtype(ast.literal_eval(text.decode("ascii")))
+    try:
+        dt = np.lib.format.descr_to_dtype(ast.literal_eval(text.decode("ascii")))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, UnicodeDecodeError) as e:
+        raise CorruptSegment(f"the map's recorded {what} dtype cannot be read: {e}") from None
+    if dt.hasobject or dt.itemsize != width:
+        raise CorruptSegment(f"the map's recorded {what} dtype {dt} is not {width}-byte fixed-width data")
+    return dt
 
 
 def open_args(key_dtype: Any, value_dtype: Any, max_key: Optional[int],
@@ -79,7 +89,12 @@ def types_of(h: Any) -> Optional[Tuple[Any, Any]]:
         return None
     if rc:
         raise_for(rc)
-    return _undescribe(ffi.unpack(kbuf, kl[0])), _undescribe(ffi.unpack(vbuf, vl[0]))
+    cap64, kw, vw, maxcap = ffi.new("uint64_t *"), ffi.new("uint32_t *"), ffi.new("uint32_t *"), ffi.new("uint64_t *")
+    rc = lib.sg_map_params(h, cap64, kw, vw, maxcap)
+    if rc:
+        raise_for(rc)
+    return (_undescribe(ffi.unpack(kbuf, kl[0]), kw[0], "key"),
+            _undescribe(ffi.unpack(vbuf, vl[0]), vw[0], "value"))
 
 
 _STRUCT_CODES = {("i", 1): "b", ("i", 2): "h", ("i", 4): "i", ("i", 8): "q", ("u", 1): "B", ("u", 2): "H",
@@ -111,13 +126,13 @@ class TypedMap(Map):
                 return pack(key)  # type: ignore[no-any-return]
             except struct.error:
                 pass  # out of range, or a float for an int dtype: numpy says why
-        a = _np().asarray(key, dtype=self._kdt)
+        a = _exact(key, self._kdt, "key")  # as the batch calls convert: 2**40 or 1.5 is not an int32 key
         if a.ndim:
             raise TypeError(f"one key of dtype {self._kdt} expected, got an array of shape {a.shape}")
-        return a.tobytes()
+        return a.tobytes()  # type: ignore[no-any-return]
 
     def _v(self, value: Any) -> bytes:
-        a = _np().asarray(value, dtype=self._vdt)
+        a = _exact(value, self._vdt, "value")
         if a.ndim:
             raise TypeError(f"one value of dtype {self._vdt} expected, got an array of shape {a.shape}")
         return a.tobytes()

@@ -768,3 +768,32 @@ def test_awaiters_behind_a_dead_producers_cell_all_get_through(grid):
         assert latency < STUCK_SKIP_LIMIT, f"{latency * 1e3:.0f} ms to get past a dead producer's cell"
     finally:
         procs.kill_all()
+
+
+@pytest.mark.timeout(30)
+def test_a_grid_closed_between_check_and_registration_is_never_read(grid_name):
+    """Grid.close() from another thread lands after an await checked the
+    grid but before it registered its word: the registration must see the
+    grid closed (it checks under the waiter's mutex), or the waiter thread
+    would read the word after the unmap."""
+    g = shmgrid.Grid.create(grid_name, size="8MiB")
+    r = g.ring("r", slots=4, slot_size=64)
+    orig = _async.Waiter.register
+
+    def late_register(self, *a):
+        time.sleep(0.3)  # the loop thread preempted here; close() runs meanwhile
+        return orig(self, *a)
+
+    _async.Waiter.register = late_register
+    try:
+        threading.Timer(0.1, g.close).start()
+
+        async def main():
+            with pytest.raises(Closed):
+                await asyncio.wait_for(r.get_async(), 5)
+
+        asyncio.run(main())
+        time.sleep(0.3)  # the waiter thread would have read the unmapped word by now
+        assert _async._waiter.registrations() == 0
+    finally:
+        _async.Waiter.register = orig

@@ -481,3 +481,45 @@ def test_sigkill_during_put_many(grid):
         m.validate(repair=True)  # a writer killed between its CAS and its count leaves len() off by one
         assert m.validate()["live"] == n
         m.put_many(np.arange(n, dtype="i8"), 0.0)
+
+
+def test_typed_keys_and_values_convert_only_when_exact(grid):
+    """numpy's own cast would write key 5 for 2**32 + 5 in an int32 map and
+    1 for 1.5: another key than the caller named. Batches and single calls
+    refuse it, and write nothing."""
+    np = pytest.importorskip("numpy")
+    m = grid.map("exact", key_dtype="i4", value_dtype="i8")
+    with pytest.raises(shmgrid.InvalidArgument, match="element 1"):
+        m.put_many(np.array([1, 2**32 + 5], dtype="i8"), [10, 20])
+    with pytest.raises(shmgrid.InvalidArgument):
+        m.put_many([1.5], [10])
+    with pytest.raises(shmgrid.InvalidArgument):
+        m.put_many([3], [2.7])
+    with pytest.raises(shmgrid.InvalidArgument):
+        m.put(2**40, 1)
+    with pytest.raises(shmgrid.InvalidArgument):
+        m.put(1.5, 1)
+    assert len(m) == 0
+    m.put_many(np.array([1.0, 2.0]), np.array([10, 20], dtype="u8"))  # exact: fine
+    m.put(np.int64(5), 2.0)
+    assert m.get_many([1, 2, 5]).tolist() == [10, 20, 2]
+    assert m.incr_many([1], np.array([1], dtype="u8")).tolist() == [11]
+    with pytest.raises(shmgrid.InvalidArgument, match="deltas"):
+        m.incr_many([1], np.array([2**63], dtype="u8"))
+    f = grid.map("floats", key_dtype="i8", value_dtype="f4")
+    f.put_many([1], [0.1])  # into a float, rounding as numpy rounds (the single call does too)
+    assert f.get(1) == np.float32(0.1)
+
+
+def test_recorded_dtypes_are_checked_when_read_back(grid):
+    """A map whose recorded dtype is not fixed-width data (another program,
+    damage) is refused with CorruptSegment: an object dtype would make
+    get_many hand numpy's object pointers to C."""
+    from shmgrid._core import ffi
+
+    out = ffi.new("sg_map **")
+    for name, kt, vt in (("obj", b"'<i8'", b"'|O'"), ("width", b"'<i8'", b"'<i4'"), ("garbage", b"'<i8'", b"((")):
+        assert lib.sg_map_open_typed(grid._handle(), name.encode(), 0, 8, 8, 0, kt, len(kt), vt, len(vt), out) == 0
+        lib.sg_map_free(out[0])
+        with pytest.raises(shmgrid.CorruptSegment):
+            grid.map(name)

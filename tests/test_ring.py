@@ -613,6 +613,15 @@ def test_get_into_too_small_or_read_only_loses_nothing(grid):
         r.get_into(b"x" * 16)
     with pytest.raises(TypeError):
         r.get_into(memoryview(bytearray(32))[::2])  # not contiguous
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="Python objects"):  # bytes over object pointers would crash
+        r.get_into(np.empty(4, dtype=object))
+    ro = np.zeros(16, dtype="u1")
+    ro.flags.writeable = False
+    with pytest.raises(TypeError):  # numpy says ValueError; the docs say TypeError
+        r.get_into(ro)
+    with pytest.raises(TypeError):
+        r.get_into(np.zeros(32, dtype="u1")[::2])
     assert len(r) == 1 and r.get_nowait() == b"abc"
 
 
