@@ -1361,13 +1361,19 @@ int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_
     return sg__apply(m, key, klen, &u);
 }
 
-int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
+/* Walk the keys of the mask's partitions (tombstones too, if asked) and
+ * apply visit to each: it returns SG_OK if it changed the key, SG_NO if
+ * not, or a negative error, which ends the walk. The number changed. */
+typedef int (*sg__visit)(sg_map *m, const char *key, size_t klen, uint64_t version, void *ctx);
+
+static int64_t sg__walk_mask(sg_map *m, uint32_t nparts, const uint8_t *mask, int tombstones, sg__visit visit,
+                             void *ctx)
 {
     if (!m->g->base)
         return sg__fail(SG_ECLOSED, "map used after its grid was closed");
     char *key = malloc((size_t)m->max_key + m->max_value + 2);
     if (!key)
-        return sg__fail(SG_ENOMEM, "reset: out of memory for a key buffer");
+        return sg__fail(SG_ENOMEM, "out of memory for a key buffer");
     char *val = key + m->max_key + 1;
     sg_iter *it;
     int rc = sg_iter_open(m, &it);
@@ -1380,13 +1386,11 @@ int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
         size_t klen, vlen;
         uint64_t version;
         int present;
-        /* tombstones too: an old one would refuse the new owner's lower versions */
-        rc = sg__iter_step(it, key, m->max_key, &klen, val, m->max_value, &vlen, &version, 1, &present, nparts,
-                           mask);
+        rc = sg__iter_step(it, key, m->max_key, &klen, val, m->max_value, &vlen, &version, tombstones, &present,
+                           nparts, mask);
         if (rc)
             break;
-        sg__update u = {.op = OP_APPLY, .force = 1, .tombstone = 1};
-        rc = sg__apply(m, key, klen, &u);
+        rc = visit(m, key, klen, version, ctx);
         if (rc < 0)
             break;
         n += rc == SG_OK;
@@ -1394,6 +1398,19 @@ int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
     sg_iter_free(it);
     free(key);
     return rc < 0 ? rc : n;
+}
+
+static int sg__reset_one(sg_map *m, const char *key, size_t klen, uint64_t version, void *ctx)
+{
+    (void)version, (void)ctx;
+    sg__update u = {.op = OP_APPLY, .force = 1, .tombstone = 1};
+    return sg__apply(m, key, klen, &u);
+}
+
+int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
+{
+    /* tombstones too: an old one would refuse the new owner's lower versions */
+    return sg__walk_mask(m, nparts, mask, 1, sg__reset_one, NULL);
 }
 
 int64_t sg_records_hashes(const char *buf, size_t len, uint64_t *out, size_t cap)
@@ -1418,43 +1435,28 @@ static int sg__cmp_u64(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+typedef struct sg__prune_ctx {
+    uint64_t floor;
+    const uint64_t *seen; /* sorted */
+    size_t n;
+} sg__prune_ctx;
+
+static int sg__prune_one(sg_map *m, const char *key, size_t klen, uint64_t version, void *ctx)
+{
+    const sg__prune_ctx *p = ctx;
+    uint64_t h = sg_hash64(key, klen);
+    if (version >= p->floor || bsearch(&h, p->seen, p->n, sizeof *p->seen, sg__cmp_u64))
+        return SG_NO;
+    /* just above what we hold: the owner's own versions of the key are
+     * above its floor, so anything it sends later still wins */
+    return sg_map_apply(m, key, klen, NULL, 0, version + 1, 1);
+}
+
 int64_t sg_map_prune(sg_map *m, uint32_t nparts, const uint8_t *mask, uint64_t floor, uint64_t *seen, size_t n)
 {
-    if (!m->g->base)
-        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
     qsort(seen, n, sizeof *seen, sg__cmp_u64);
-    char *key = malloc((size_t)m->max_key + m->max_value + 2);
-    if (!key)
-        return sg__fail(SG_ENOMEM, "prune: out of memory for a key buffer");
-    char *val = key + m->max_key + 1;
-    sg_iter *it;
-    int rc = sg_iter_open(m, &it);
-    if (rc) {
-        free(key);
-        return rc;
-    }
-    int64_t pruned = 0;
-    for (;;) {
-        size_t klen, vlen;
-        uint64_t version;
-        int present;
-        rc = sg__iter_step(it, key, m->max_key, &klen, val, m->max_value, &vlen, &version, 0, &present, nparts,
-                           mask);
-        if (rc)
-            break;
-        uint64_t h = sg_hash64(key, klen);
-        if (version >= floor || bsearch(&h, seen, n, sizeof *seen, sg__cmp_u64))
-            continue;
-        /* just above what we hold: the owner's own versions of the key are
-         * above its floor, so anything it sends later still wins */
-        rc = sg_map_apply(m, key, klen, NULL, 0, version + 1, 1);
-        if (rc < 0)
-            break;
-        pruned += rc == SG_OK;
-    }
-    sg_iter_free(it);
-    free(key);
-    return rc < 0 ? rc : pruned;
+    sg__prune_ctx ctx = {.floor = floor, .seen = seen, .n = n};
+    return sg__walk_mask(m, nparts, mask, 0, sg__prune_one, &ctx);
 }
 
 int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,
