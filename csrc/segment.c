@@ -551,7 +551,10 @@ void sg_grid_close(sg_grid *g)
     if (!g || !g->base)
         return;
     uint64_t mine = g->self;
-    if (g->slot < SG_PROC_SLOTS)
+    /* Only the process that took the slot leaves it: a child forked since
+     * (which never used the grid, so never took a slot of its own) holds
+     * the parent's word, and must not free the slot of a live parent. */
+    if (g->slot < SG_PROC_SLOTS && g->fork_gen == sg__fork_generation())
         sg_cas_acq_rel(&sg__procs(g)[g->slot].owner, &mine, 0);
     munmap(g->base, g->size);
     close(g->fd);

@@ -44,6 +44,7 @@ from numpy.lib import format as _npformat
 
 from ._core import ffi, lib
 from ._wait import SLICE_NS, start, wait_more
+from .batch import _exact
 from .errors import Busy, Closed, CorruptSegment, InvalidArgument, raise_for
 from .grid import cname
 
@@ -82,6 +83,15 @@ def _describe(shape: Any, dtype: Any) -> Tuple[Tuple[int, ...], np.dtype, bytes]
         shape, dt = shape + tuple(sub), base
     if dt.hasobject:
         raise InvalidArgument(f"dtype {dt} holds Python objects (pointers), which cannot be shared between processes")
+    if dt.itemsize == 0:
+        raise InvalidArgument(f"dtype {dt} has no bytes")
+    # numpy's own checks (dimensions past intp, too many of them) before the
+    # object exists: a name created with a shape numpy refuses could never
+    # be opened again
+    try:
+        np.ndarray(shape, dt, buffer=bytearray(dt.itemsize), strides=(0,) * len(shape))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidArgument(f"shape {shape} of {dt}: {e}") from None
     desc = repr((shape, _npformat.dtype_to_descr(dt))).encode("ascii")
     if len(desc) > lib.SG_ARRAY_DESC_MAX:
         raise InvalidArgument(f"the description of shape {shape} and dtype {dt} takes {len(desc)} bytes; "
@@ -113,7 +123,7 @@ class _Handle:
     """The C handle of an array and what it holds, without mapping a view
     (``shmgrid stat`` and validate use it on its own)."""
 
-    __slots__ = ("grid", "name", "h", "shape", "dtype", "nbytes", "live", "out", "out_ptr", "__weakref__")
+    __slots__ = ("grid", "name", "h", "shape", "dtype", "nbytes", "live", "out", "__weakref__")
 
     def __init__(self, grid: Any, name: str, shape: Any = None, dtype: Any = None) -> None:
         out = ffi.new("sg_array **")
@@ -144,8 +154,7 @@ class _Handle:
         # the last `out` a snapshot filled, and its cffi pointer (which keeps
         # it alive): a loop reusing one buffer skips the checks and the
         # buffer lookup (~1 us a call)
-        self.out: Any = None
-        self.out_ptr: Any = None
+        self.out: Any = None  # (the last out= array, its pointer)
         if self.nbytes != math.prod(self.shape) * self.dtype.itemsize:
             raise CorruptSegment(f"array {name!r}: {self.nbytes} bytes do not hold shape {self.shape} of {self.dtype}")
 
@@ -221,8 +230,8 @@ class SharedArray(np.ndarray):
         if out is None:
             out = np.empty(s.shape, s.dtype)
             p = ffi.from_buffer("char[]", out, require_writable=True)
-        elif out is s.out and out.shape == s.shape and out.dtype == s.dtype:
-            p = s.out_ptr
+        elif s.out is not None and out is s.out[0] and out.flags.writeable:
+            p = s.out[1]  # the same array as last time (its shape and dtype cannot change)
         else:
             if (not isinstance(out, np.ndarray) or out.shape != s.shape or out.dtype != s.dtype
                     or not out.flags.c_contiguous or not out.flags.writeable):
@@ -232,7 +241,7 @@ class SharedArray(np.ndarray):
             addr = int(ffi.cast("uintptr_t", p))
             if out.nbytes and addr < s.live[1] and s.live[0] < addr + out.nbytes:
                 raise InvalidArgument("out must not be the shared array itself (snapshot copies out of it)")
-            s.out, s.out_ptr = out, p
+            s.out = (out, p)  # one store: threads sharing a handle never pair one with another's pointer
         if s.grid._closed:
             raise Closed(f"grid {s.grid.name!r} is closed")
         h, vp = s.h, _out.p
@@ -249,7 +258,7 @@ class SharedArray(np.ndarray):
         next version; returns its number. Waits up to ``timeout`` seconds
         for other publishers (Busy)."""
         s = self._root()
-        if isinstance(new, (int, float, complex)):  # a Python number: weak, as in numpy's own promotion
+        if type(new) in (int, float, complex):  # a Python number: weak, as in numpy's own promotion
             if np.result_type(s.dtype, new) != s.dtype:
                 raise TypeError(f"cannot publish {new!r} into array {s.name!r} of {s.dtype} without changing it")
             src = np.asarray(new, dtype=s.dtype)
@@ -258,6 +267,8 @@ class SharedArray(np.ndarray):
             if src.dtype != s.dtype and not np.can_cast(src.dtype, s.dtype, casting="same_kind"):
                 raise TypeError(f"cannot publish {src.dtype} data into array {s.name!r} of {s.dtype} "
                                 "(cast it first if that is meant)")
+            if src.dtype != s.dtype and s.dtype.kind in "iub":
+                src = _exact(src, s.dtype, f"publish into array {s.name!r}")  # int64 300 is not an int8
         try:
             src = np.broadcast_to(src, s.shape)
         except ValueError:

@@ -136,7 +136,10 @@ class Grid:
         # Shared arrays handed out as numpy memory pin the mapping: close()
         # waits for the last of them to be collected before unmapping.
         self._pins = 0
-        self._pin_lock = threading.Lock()
+        self._hooked = False  # close() ran its hooks: the mapping may go once nothing pins it
+        # reentrant: a view's finaliser (_unpin) may run in a collection
+        # triggered while this thread holds the lock
+        self._pin_lock = threading.RLock()
         _open_grids.add(self)
 
     # ---- lifecycle --------------------------------------------------------
@@ -190,9 +193,15 @@ class Grid:
             if self._closed:
                 return
             self._closed = True
-            for hook in _close_hooks:
-                hook(self._h)
             _open_grids.discard(self)
+        # Outside the lock: the hooks allocate, and a collection there may
+        # free the last view, whose finaliser takes the lock (_unpin). The
+        # mapping goes only once the hooks ran (they stop the asyncio
+        # waiter from reading words in it) and no view pins it.
+        for hook in _close_hooks:
+            hook(self._h)
+        with self._pin_lock:
+            self._hooked = True
             if self._pins == 0:
                 lib.sg_grid_close(self._h)
 
@@ -205,7 +214,7 @@ class Grid:
     def _unpin(self) -> None:
         with self._pin_lock:
             self._pins -= 1
-            if self._pins == 0 and self._closed:
+            if self._pins == 0 and self._hooked:
                 lib.sg_grid_close(self._h)
 
     def _unlink_self(self) -> None:
