@@ -18,7 +18,8 @@ struct sg_array {
     sg_grid *g;
     sg_array_hdr *hdr;
     uint64_t *buf[2];  /* the live and backup buffers, mapped in this process */
-    uint64_t nbytes;
+    uint64_t nbytes;   /* checked at open and never re-read from the header */
+    uint32_t desc_len; /* likewise: the description is at hdr + 1 */
     uint64_t obj;      /* offset of the header block: names the array in `waiting` */
     uint32_t spin;     /* adaptive spin budget of the writer lock (a hint shared by threads) */
 };
@@ -89,15 +90,25 @@ int sg_array_open(sg_grid *g, const char *name, const char *desc, size_t desc_le
     sg_array_hdr *h = sg__object_payload(g, e, sizeof(sg_array_hdr));
     if (!h)
         return SG_ECORRUPT;
-    if (h->nbytes != e->param[0] || h->desc_len != e->param[2] || h->desc_hash != e->param[1] ||
-        h->desc_len > SG_ARRAY_DESC_MAX || h->stride != sg__array_stride(h->nbytes) || h->data % SG_ARRAY_ALIGN ||
-        h->data < e->obj + SG_BLOCK_HDR + sizeof *h + h->desc_len ||
-        !sg__object_payload(g, e, h->data - e->obj - SG_BLOCK_HDR + 2 * h->stride))
+    /* The header is shared memory anyone may have damaged: read each field
+     * once, bound it, and use only these checked copies from here on (a
+     * second read could see another value than the one checked). */
+    uint64_t hn = h->nbytes, hs = h->stride, hd = h->data, hh = h->desc_hash;
+    uint32_t hl = h->desc_len;
+    /* payload offset of buffer 0; only meaningful once hd is checked */
+    uint64_t first = sizeof *h + hl;
+    /* hn <= SG_ARRAY_MAX_BYTES, so 2 * hs cannot wrap; hd is bounded by the
+     * segment before anything is added to it, so the block check's size
+     * (at most the segment's) cannot wrap either */
+    if (hn != e->param[0] || hl != e->param[2] || hh != e->param[1] || hn > SG_ARRAY_MAX_BYTES ||
+        hl > SG_ARRAY_DESC_MAX || hs != sg__array_stride(hn) || hd % SG_ARRAY_ALIGN ||
+        hd < e->obj + SG_BLOCK_HDR + first || hd > g->size || g->size - hd < 2 * hs ||
+        !sg__object_payload(g, e, hd - e->obj - SG_BLOCK_HDR + 2 * hs))
         return sg__fail(SG_ECORRUPT, "array '%s': header disagrees with its directory entry", name);
-    if (desc && (desc_len != h->desc_len || memcmp(desc, h + 1, desc_len) != 0))
+    if (desc && (desc_len != hl || memcmp(desc, h + 1, desc_len) != 0))
         return sg__fail(SG_EMISMATCH, "array '%s' exists as %.*s; it was asked for as %.*s", name,
-                        (int)(h->desc_len < 400 ? h->desc_len : 400), (const char *)(h + 1),
-                        (int)(desc_len < 400 ? desc_len : 400), desc);
+                        (int)(hl < 400 ? hl : 400), (const char *)(h + 1), (int)(desc_len < 400 ? desc_len : 400),
+                        desc);
     static const char *const field[] = {"nbytes"};
     const uint64_t asked[] = {desc ? nbytes : 0};
     if ((rc = sg__object_check(e, "array", name, field, asked, 1)))
@@ -107,9 +118,10 @@ int sg_array_open(sg_grid *g, const char *name, const char *desc, size_t desc_le
         return sg__fail(SG_ENOMEM, "out of process memory");
     a->g = g;
     a->hdr = h;
-    a->buf[SG_ARRAY_LIVE] = (uint64_t *)(g->base + h->data);
-    a->buf[SG_ARRAY_BACKUP] = (uint64_t *)(g->base + h->data + h->stride);
-    a->nbytes = h->nbytes;
+    a->buf[SG_ARRAY_LIVE] = (uint64_t *)(g->base + hd);
+    a->buf[SG_ARRAY_BACKUP] = (uint64_t *)(g->base + hd + hs);
+    a->nbytes = hn;
+    a->desc_len = hl;
     a->obj = e->obj;
     a->spin = SG_SPIN_START_NS;
     sg_ref_inc(&g->refs);
@@ -136,7 +148,7 @@ void sg_array_free(sg_array *a)
 int64_t sg_array_desc(sg_array *a, char *out, size_t cap)
 {
     SG_CHECK_GRID(a->g);
-    uint32_t n = a->hdr->desc_len;
+    uint32_t n = a->desc_len;
     if (cap) /* out may be NULL when asking for the length */
         memcpy(out, a->hdr + 1, n < cap ? n : cap);
     return n;
@@ -477,7 +489,7 @@ int sg_array_info_get(sg_array *a, sg_array_info *out)
         out->seq[i] = sg_load_acquire(&h->buf[i].seq);
         out->ver[i] = sg_load_relaxed(&h->buf[i].ver);
     }
-    out->desc_len = h->desc_len;
+    out->desc_len = a->desc_len;
     uint64_t w = sg_load_acquire(&h->writer.owner);
     out->writer_tid = (uint32_t)(w & SG_PW_PID_MASK);
     out->writer_alive = w ? (uint32_t)sg__thread_alive(w) : 0;

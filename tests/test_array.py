@@ -21,6 +21,9 @@ import os
 import pickle
 import random
 import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -728,3 +731,95 @@ def test_a_damaged_description_is_corrupt_not_a_crash(grid, bad):
         grid.array("a")
     with pytest.raises(ObjectMismatch):  # asked for with the real description: it differs now
         grid.array("a", 7, "<i2")
+
+
+# ---------------------------------------------------------------------------
+# raw access to an array's shared header, to damage it or to leave the
+# states a process killed (or stopped) at a chosen instruction leaves
+
+
+class RawArray:
+    """The array's words in the segment, through a second mapping.
+    Offsets follow csrc/sg_layout.h (directory at 8192, 128-byte entries,
+    the object offset at +80, params at +88; sg_array_hdr after the 16-byte
+    block header)."""
+
+    NBYTES, STRIDE, DATA, HASH, DESCLEN = 0, 8, 16, 24, 32
+    OWNER = 64  # writer.owner
+    SEQ0, VER0, SEQ1, VER1 = 128, 136, 144, 152
+    VERSION = 192
+    WANT = 256 + 16
+
+    def __init__(self, grid_name, name):
+        fd = os.open(f"/dev/shm/{grid_name}", os.O_RDWR)
+        try:
+            self.m = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        nb, off = name.encode(), 8192
+        while True:
+            kind, nlen = struct.unpack_from("<II", self.m, off + 8)
+            if kind == 6 and nlen == len(nb) and self.m[off + 16: off + 16 + nlen] == nb:
+                break
+            off += 128
+        self.dirent = off
+        self.hdr = struct.unpack_from("<Q", self.m, off + 80)[0] + 16
+
+    def __getitem__(self, field):
+        return struct.unpack_from("<Q", self.m, self.hdr + field)[0]
+
+    def __setitem__(self, field, v):
+        struct.pack_into("<Q", self.m, self.hdr + field, v)
+
+    def set_param(self, i, v):
+        struct.pack_into("<Q", self.m, self.dirent + 88 + 8 * i, v)
+
+    def close(self):
+        self.m.close()
+
+
+def thread_word(tid):
+    """The lock-owner word of a thread (csrc: sg__thread_word)."""
+    with open(f"/proc/{tid}/stat") as f:
+        s = f.read()
+    start = int(s[s.rindex(")") + 2:].split()[19])
+    return ((start & ((1 << 40) - 1)) << 22) | tid
+
+
+def _open_in_child(grid_name):
+    """Open array 'a' in a fresh process: its exit code and output (a crash
+    shows as a negative return code)."""
+    code = ("import shmgrid\ng = shmgrid.Grid.attach(%r)\ntry:\n    g.array('a')\n"
+            "except shmgrid.CorruptSegment as e:\n    print('CorruptSegment', e)\n" % grid_name)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("damage", ["nbytes", "nbytes_odd_seq", "data", "desc_len", "stride"])
+def test_a_damaged_array_header_is_corrupt_not_a_crash(grid, damage):
+    """Sizes in the header and its directory entry that wrap the payload
+    arithmetic (nbytes = stride = 2**63 makes 2 * stride 0), or point the
+    buffers outside the block or the segment, give CorruptSegment at open,
+    in a fresh process (a crash would kill it), never a SIGSEGV."""
+    a = grid.array("a", (8,), np.float64)
+    a.publish(np.arange(8.0))
+    raw = RawArray(grid.name, "a")
+    try:
+        big = 1 << 63
+        if damage.startswith("nbytes"):
+            raw[RawArray.NBYTES] = big
+            raw.set_param(0, big)
+            raw[RawArray.STRIDE] = big
+            if damage == "nbytes_odd_seq":  # LIVE looks torn: open would repair it
+                raw[RawArray.SEQ0] |= 1
+        elif damage == "data":
+            raw[RawArray.DATA] = (1 << 64) - 64 * 1024
+        elif damage == "desc_len":
+            struct.pack_into("<I", raw.m, raw.hdr + RawArray.DESCLEN, 1 << 20)
+            raw.set_param(2, 1 << 20)
+        else:
+            raw[RawArray.STRIDE] = big
+        rc, out = _open_in_child(grid.name)
+        assert rc == 0 and out.startswith("CorruptSegment") and "'a'" in out, (rc, out)
+    finally:
+        raw.close()
