@@ -158,12 +158,33 @@ uint64_t sg_array_nbytes(sg_array *a) { return a->nbytes; }
 
 void *sg_array_live(sg_array *a) { return a->g->base ? a->buf[SG_ARRAY_LIVE] : NULL; }
 
+/* The newest complete version: `version`, or LIVE's if that is ahead (a
+ * publisher killed between its LIVE section and its `version` store leaves
+ * LIVE one ahead until the next writer-lock holder repairs; snapshot already
+ * returns LIVE's version then, so version and wait must not lag it). */
+static uint64_t sg__array_newest(sg_array *a)
+{
+    sg_array_hdr *h = a->hdr;
+    /* SYNC POINT: array-version (acquire) */
+    uint64_t v = sg_load_acquire(&h->version);
+    /* SYNC POINT: array-seq (acquire, then the acquire fence and the same
+     * seq again, as in sg__array_copy): an unchanged even seq means `ver`
+     * was stored by the section that completed it, not by a later one */
+    uint64_t s = sg_load_acquire(&h->buf[SG_ARRAY_LIVE].seq);
+    if (s & 1)
+        return v;
+    uint64_t vl = sg_load_relaxed(&h->buf[SG_ARRAY_LIVE].ver);
+    sg_fence_acquire();
+    if (sg_load_relaxed(&h->buf[SG_ARRAY_LIVE].seq) != s)
+        return v;
+    return vl > v ? vl : v;
+}
+
 uint64_t sg_array_version(sg_array *a)
 {
     if (!a->g->base)
         return 0;
-    /* SYNC POINT: array-version (acquire) */
-    return sg_load_acquire(&a->hdr->version);
+    return sg__array_newest(a);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -455,16 +476,18 @@ int sg_array_wait(sg_array *a, uint64_t after, int64_t timeout_ns, uint64_t *ver
     sg_array_hdr *h = a->hdr;
     uint64_t deadline = sg__deadline(timeout_ns);
     for (;;) {
-        /* SYNC POINT: array-version (acquire) */
-        uint64_t v = sg_load_acquire(&h->version);
+        uint64_t v = sg__array_newest(a);
         if (v > after) {
             *version = v;
             return SG_OK;
         }
         if (timeout_ns == 0)
             return sg__fail(SG_EAGAIN, "array version is still %llu", (unsigned long long)v);
+        /* A publisher signals after its `version` store; one killed before
+         * it does not signal, and the sleep's slice bounds how long that
+         * version (already complete in LIVE) goes unnoticed. */
         uint32_t ev = sg__event_prepare(&h->published);
-        if (sg_load_acquire(&h->version) > after)
+        if (sg__array_newest(a) > after)
             continue;
         int rc = sg__event_sleep(a->g, a->obj, &h->published, ev, deadline, SG_ARRAY_SLEEP_SLICE_NS);
         if (rc == SG_EAGAIN)
@@ -480,7 +503,7 @@ int sg_array_info_get(sg_array *a, sg_array_info *out)
     sg_array_hdr *h = a->hdr;
     memset(out, 0, sizeof *out);
     out->nbytes = a->nbytes;
-    out->version = sg_load_acquire(&h->version);
+    out->version = sg__array_newest(a);
     out->publishes = sg_load_relaxed(&h->publishes);
     out->repairs = sg_load_relaxed(&h->repairs);
     out->locked_reads = sg_load_relaxed(&h->locked_reads);

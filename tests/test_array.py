@@ -823,3 +823,38 @@ def test_a_damaged_array_header_is_corrupt_not_a_crash(grid, damage):
         assert rc == 0 and out.startswith("CorruptSegment") and "'a'" in out, (rc, out)
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_version_and_wait_do_not_lag_a_publisher_killed_before_its_version_store(grid):
+    """A publisher killed after its LIVE section and before its `version`
+    store leaves LIVE holding v + 1 whole, BACKUP v and `version` v.
+    snapshot() returns v + 1 then, so `version` says v + 1 too and
+    wait_version(v) returns it, instead of sleeping until another
+    publisher repairs; a waiter already asleep notices within its slice."""
+    a = grid.array("a", (4,), np.float64)
+    a.publish(np.full(4, 1.0))
+    a.publish(np.full(4, 2.0))
+    raw = RawArray(grid.name, "a")
+    try:
+        raw[RawArray.VERSION] = 1  # as if killed right after the LIVE section of version 2
+        raw[RawArray.VER1] = 1
+        snap, v = a.snapshot(timeout=5)
+        assert v == 2 and (snap == 2.0).all()
+        assert a.version == 2 and a.stats()["version"] == 2
+        assert a.wait_version(1, timeout=1.0) == 2
+        # a waiter asleep on version 2 when a publisher of 3 dies the same way
+        got = []
+        t = threading.Thread(target=lambda: got.append(a.wait_version(2, timeout=10)))
+        t.start()
+        time.sleep(0.2)
+        assert t.is_alive()
+        raw[RawArray.SEQ0] += 1  # the LIVE section of version 3 ...
+        raw[RawArray.VER0] = 3
+        raw[RawArray.SEQ0] += 1  # ... completes; no `version` store, no signal
+        t.join(15)
+        assert got == [3] and a.version == 3
+        assert a.repair(timeout=5) is True  # the next writer-lock holder brings the rest up to it
+        assert raw[RawArray.VERSION] == 3 and raw[RawArray.VER1] == 3
+    finally:
+        raw.close()
