@@ -30,11 +30,17 @@ struct sg_array {
  * tries the seqlock again otherwise (a publisher stopped mid-copy). */
 #define SG_ARRAY_READ_ROUNDS 2
 #define SG_ARRAY_LOCK_SLICE_NS 1000000ll
+/* A writer-lock acquirer looks for an offer nobody will accept (see
+ * sg__array_take_stale) at least this often while it waits. */
+#define SG_ARRAY_STALE_SLICE_NS 10000000ll
 /* A reader's copy looks for a publisher's new section this often (bytes;
  * a multiple of 8). */
 #define SG_ARRAY_CHUNK (64u << 10)
 /* wait_version sleeps at most this long before looking again. */
 #define SG_ARRAY_SLEEP_SLICE_NS 100000000ll
+
+/* now + d, saturating: deadlines may be UINT64_MAX (no timeout). */
+static uint64_t sg__array_after(uint64_t now, uint64_t d) { return now > UINT64_MAX - d ? UINT64_MAX : now + d; }
 
 static uint64_t sg__array_stride(uint64_t nbytes) { return (nbytes + SG_ARRAY_ALIGN - 1) & ~(uint64_t)(SG_ARRAY_ALIGN - 1); }
 
@@ -312,30 +318,71 @@ static int sg__array_fix(sg_array *a)
     return fixed ? SG_OK : SG_NO;
 }
 
-static int sg__array_lock(sg_array *a, int64_t timeout_ns)
+/* The writer lock is offered to a reader that no longer waits for it:
+ * owner = W | OFFERED with W dead or not (or no longer) registered in
+ * `want`. Only a holder that stopped or died between its offer and its
+ * check of `want` leaves one (see the layout). Take the lock over from such
+ * an offer: SG_OK if we did, SG_NO if there is none or we lost the CAS. */
+static int sg__array_take_stale(sg_array *a, uint64_t me)
 {
-    int rc = sg__mutex_acquire(a->g, a->obj, &a->hdr->writer, &a->spin, timeout_ns);
-    return rc == SG_OWNERDIED ? SG_OK : rc;
+    sg_array_hdr *h = a->hdr;
+    uint64_t o = sg_load_seq_cst(&h->writer.owner);
+    if (!(o & SG_ARRAY_OFFERED))
+        return SG_NO;
+    uint64_t w = o & ~SG_ARRAY_OFFERED;
+    if (w != me && sg_load_seq_cst(&h->want) == w && sg__thread_alive(w))
+        return SG_NO; /* W waits for it and will take it */
+    /* SYNC POINT: lock (acquire): the offering holder's release (its CAS
+     * heads the release sequence our CAS reads from) */
+    if (!sg_cas_acquire(&h->writer.owner, &o, me))
+        return SG_NO;
+    sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
+    return SG_OK;
 }
 
-/* Release the writer lock, or hand it to the reader registered in `want`. */
+/* The robust lock, plus: an offer nobody will accept is a free lock. */
+static int sg__array_lock(sg_array *a, int64_t timeout_ns)
+{
+    uint64_t deadline = sg__deadline(timeout_ns), me = sg__thread_word();
+    for (;;) {
+        if (sg__array_take_stale(a, me) == SG_OK)
+            return SG_OK;
+        uint64_t now = sg__mono_ns(), left = deadline > now ? deadline - now : 0;
+        int64_t slice = left < (uint64_t)SG_ARRAY_STALE_SLICE_NS ? (int64_t)left : SG_ARRAY_STALE_SLICE_NS;
+        int rc = sg__mutex_acquire(a->g, a->obj, &a->hdr->writer, &a->spin, slice);
+        if (rc == SG_OWNERDIED)
+            return SG_OK;
+        if (rc != SG_EAGAIN || left <= (uint64_t)SG_ARRAY_STALE_SLICE_NS)
+            return rc;
+    }
+}
+
+/* Release the writer lock, or offer it to the reader registered in `want`:
+ * one CAS of `owner` from us to W | OFFERED, so that whenever we stop or
+ * die the lock is either ours (an ordinary dead holder) or offered. */
 static void sg__array_unlock(sg_array *a)
 {
     sg_array_hdr *h = a->hdr;
-    uint64_t w = sg_load_acquire(&h->want);
-    if (w & SG_ARRAY_HANDED) {
-        /* handed to a reader that then died: we took the lock over from it */
-        if (!sg__thread_alive(w & ~SG_ARRAY_HANDED))
-            sg_cas_acq_rel(&h->want, &w, 0);
-    } else if (w) {
-        if (!sg__thread_alive(w)) {
-            sg_cas_acq_rel(&h->want, &w, 0); /* a dead reader's registration */
-        } else if (sg_cas_acq_rel(&h->want, &w, w | SG_ARRAY_HANDED)) {
-            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
-            /* SYNC POINT: lock (release): what we wrote holding it is
-             * visible to the reader we hand it to */
-            sg_store_release(&h->writer.owner, w);
+    uint64_t me = sg__thread_word();
+    uint64_t w = sg_load_seq_cst(&h->want);
+    if (w && w != me && !sg__thread_alive(w)) {
+        sg_cas_acq_rel(&h->want, &w, 0); /* a dead reader's registration */
+    } else if (w && w != me) {
+        uint64_t cur = me, offer = w | SG_ARRAY_OFFERED;
+        /* SYNC POINT: lock (release): what we wrote holding it is visible
+         * to whoever takes the offer (W accepting, or a taker of a stale
+         * offer), as with any release. Seq_cst with W's withdrawal: W's
+         * CAS of `want` to 0, then of `owner` from the offer; ours of
+         * `owner`, then the load of `want` below. Either W sees the offer
+         * or we see it gone. */
+        if (sg_cas_seq_cst(&h->writer.owner, &cur, offer)) {
             sg__event_signal(&h->writer.event);
+            if (sg_load_seq_cst(&h->want) != w) {
+                /* W withdrew without seeing it: take it back, freeing the
+                 * lock (lost the CAS: W or a taker has it) */
+                if (sg_cas_seq_cst(&h->writer.owner, &offer, 0))
+                    sg__event_signal(&h->writer.event);
+            }
             return;
         }
     }
@@ -343,57 +390,76 @@ static void sg__array_unlock(sg_array *a)
 }
 
 /* A reader registered in `want` as `me`: wait until the writer lock is
- * ours (handed over, or taken free or from a dead holder) or the deadline.
- * SG_OK holding the lock (unregistered), or SG_EAGAIN / an error, no
- * longer registered and not holding it. */
-static int sg__array_wait_handoff(sg_array *a, uint64_t me, uint64_t deadline)
+ * ours (offered to us and accepted, taken free or from a dead holder) or
+ * until the deadline, or a slice without progress of the publishers (the
+ * holder may be stopped: the seqlock serves us then). Never waits on
+ * another process: the offer is one CAS of `owner` by the holder and our
+ * acceptance is our own CAS. SG_OK holding the lock, unregistered; SG_EAGAIN
+ * or an error, unregistered and not holding it. */
+static int sg__array_wait_offer(sg_array *a, uint64_t me, uint64_t deadline)
 {
     sg_array_hdr *h = a->hdr;
-    int rc;
+    const uint64_t offer = me | SG_ARRAY_OFFERED;
+    int rc = SG_EAGAIN;
     uint64_t seqs = sg_load_relaxed(&h->buf[0].seq) + sg_load_relaxed(&h->buf[1].seq);
-    uint64_t slice_end = sg__mono_ns() + SG_ARRAY_LOCK_SLICE_NS;
+    uint64_t slice_end = sg__array_after(sg__mono_ns(), SG_ARRAY_LOCK_SLICE_NS);
     for (;;) {
-        /* SYNC POINT: lock (acquire): the holder's release store naming us */
-        if (sg_load_acquire(&h->writer.owner) == me)
+        uint64_t o = offer;
+        /* SYNC POINT: lock (acquire): the holder's release CAS offering it */
+        if (sg_cas_acquire(&h->writer.owner, &o, me)) {
+            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
             break;
+        }
         rc = sg__mutex_acquire(a->g, a->obj, &h->writer, &a->spin, 0);
         if (rc == SG_OK || rc == SG_OWNERDIED)
             break;
-        if (rc == SG_EDEADLK)
-            continue; /* handed over between our look and its own */
+        if (rc == SG_EAGAIN && sg__array_take_stale(a, me) == SG_OK)
+            break;
+        if (rc != SG_EAGAIN)
+            goto withdraw;
         uint64_t now = sg__mono_ns();
-        if (rc == SG_EAGAIN && now >= slice_end && now < deadline) {
+        if (now >= deadline)
+            goto withdraw;
+        if (now >= slice_end) {
             /* still worth waiting while publishers make progress: the
-             * lock comes at the end of the current publish */
+             * offer comes at the end of the current publish */
             uint64_t moved = sg_load_relaxed(&h->buf[0].seq) + sg_load_relaxed(&h->buf[1].seq);
             if (moved == seqs)
-                now = deadline; /* stopped (or idle): go back to the seqlock */
+                goto withdraw; /* stopped (or idle): go back to the seqlock */
             seqs = moved;
-            slice_end = now + SG_ARRAY_LOCK_SLICE_NS;
-        }
-        if (rc != SG_EAGAIN || now >= deadline) {
-            uint64_t mine = me;
-            if (sg_cas_acq_rel(&h->want, &mine, 0))
-                return rc == SG_EAGAIN ? sg__fail(SG_EAGAIN, "array: the writer lock stayed held") : rc;
-            deadline = UINT64_MAX; /* a holder committed to us: the lock is on its way */
-            continue;
+            slice_end = sg__array_after(now, SG_ARRAY_LOCK_SLICE_NS);
         }
         uint32_t v = sg__event_prepare(&h->writer.event);
-        if (sg_load_acquire(&h->writer.owner) == me || sg_load_relaxed(&h->writer.owner) == 0)
+        uint64_t cur = sg_load_acquire(&h->writer.owner);
+        if (cur == 0 || (cur & SG_ARRAY_OFFERED))
             continue;
         if ((rc = sg__event_sleep(a->g, a->obj, &h->writer.event, v, slice_end < deadline ? slice_end : deadline,
                                   SG_ARRAY_LOCK_SLICE_NS)) &&
-            rc != SG_EAGAIN) {
-            uint64_t mine = me;
-            if (sg_cas_acq_rel(&h->want, &mine, 0))
-                return rc;
-            deadline = UINT64_MAX;
-        }
+            rc != SG_EAGAIN)
+            goto withdraw;
     }
-    /* We hold the lock, so no holder is in sg__array_unlock: `want` is ours
-     * (me, or me | HANDED) and nobody else writes it until we clear it. */
-    sg_store_relaxed(&h->want, 0);
+    /* We hold the lock and live: nobody else writes `want` while it names
+     * us (holders clear only a dead reader's, readers CAS only from 0). */
+    sg_store_seq_cst(&h->want, 0);
     return SG_OK;
+withdraw:;
+    /* Seq_cst, paired with the holder's offer (see sg__array_unlock): an
+     * offer made before our withdrawal is seen by the CAS below, and a
+     * holder that offers later sees `want` changed and takes it back. */
+    uint64_t mine = me;
+    (void)sg_cas_seq_cst(&h->want, &mine, 0);
+    uint64_t o = offer;
+    if (sg_cas_seq_cst(&h->writer.owner, &o, rc == SG_EAGAIN ? me : 0)) {
+        /* SYNC POINT: lock (acquire, by the seq_cst CAS): the offering
+         * holder's release. Timed out: the lock is here, so use it (a
+         * bounded copy). An error: decline it, freeing the lock. */
+        if (rc == SG_EAGAIN) {
+            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
+            return SG_OK;
+        }
+        sg__event_signal(&h->writer.event);
+    }
+    return rc == SG_EAGAIN ? sg__fail(SG_EAGAIN, "array: the writer lock stayed held") : rc;
 }
 
 int sg_array_repair(sg_array *a, int64_t timeout_ns)
@@ -451,8 +517,8 @@ int sg_array_snapshot(sg_array *a, void *out, int64_t timeout_ns, uint64_t *vers
                                                                                : now + SG_ARRAY_LOCK_SLICE_NS;
         uint64_t me = sg__thread_word(), none = 0;
         int rc;
-        if (sg_cas_acq_rel(&h->want, &none, me)) /* registered: the holder hands the lock to us */
-            rc = sg__array_wait_handoff(a, me, deadline);
+        if (sg_cas_acq_rel(&h->want, &none, me)) /* registered: the holder offers the lock to us */
+            rc = sg__array_wait_offer(a, me, deadline);
         else /* another reader is registered: it is served first */
             rc = sg__array_lock(a, (int64_t)(slice_end - now));
         if (rc == SG_EAGAIN)

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import random
+import select
 import signal
 import struct
 import subprocess
@@ -858,3 +859,102 @@ def test_version_and_wait_do_not_lag_a_publisher_killed_before_its_version_store
         assert raw[RawArray.VERSION] == 3 and raw[RawArray.VER1] == 3
     finally:
         raw.close()
+
+
+_READER = """\
+import sys, time, shmgrid
+g = shmgrid.Grid.attach(sys.argv[1])
+a = g.array("a")
+t = time.monotonic()
+try:
+    snap, v = a.snapshot(timeout=float(sys.argv[2]))
+    print("snapshot", v, snap.tolist(), end=" ")
+except shmgrid.Busy:
+    print("Busy", end=" ")
+print("after %.2f" % (time.monotonic() - t), flush=True)
+sys.stdin.read()  # stays alive (its thread word too) until the test is done
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("holder", ["committed_then_taken_by_a_stopped_thread", "offered_then_killed"])
+def test_a_registered_readers_timeout_holds_whatever_the_holder_did(grid_name, holder):
+    """A reader that lost the seqlock to publishers registers for the writer
+    lock (here: a live process X holds it and both seq words keep moving,
+    so the reader stays registered). Then:
+
+    - committed_then_taken_by_a_stopped_thread: the state the two-store
+      hand-over left when its holder died between "want = R | HANDED" and
+      "owner = R" and X (live, then stopped mid-copy) took the lock over:
+      the reader once spun forever at 100% CPU. Its timeout must hold
+      (Busy after 0.5 s), and a new snapshot then reads the buffer X is
+      not writing.
+    - offered_then_killed: the holder offered the lock to R (owner =
+      R | OFFERED) and died. R takes it (or, if it went back to the
+      seqlock first, the offer is stale and the next acquirer takes it):
+      R gets a whole version and the lock does not stay with R.
+    """
+    g = shmgrid.Grid.create(grid_name, size="16MiB")
+    x = subprocess.Popen(["sleep", "60"])
+    r = None
+    raw = None
+    try:
+        a = g.array("a", (8,), np.float64)
+        a.publish(np.arange(8.0))
+        raw = RawArray(grid_name, "a")
+        raw[RawArray.OWNER] = thread_word(x.pid)  # X (alive) holds the writer lock ...
+        raw[RawArray.SEQ0] |= 1  # ... and both buffers look mid-copy: the seqlock fails
+        raw[RawArray.SEQ1] |= 1
+        stop = threading.Event()
+
+        def mover():  # X "publishing": the seq words move, so R keeps waiting for the lock
+            while not stop.is_set():
+                raw[RawArray.SEQ0] += 2
+                raw[RawArray.SEQ1] += 2
+                time.sleep(0.0005)
+
+        t = threading.Thread(target=mover)
+        t.start()
+        try:
+            r = subprocess.Popen([sys.executable, "-c", _READER, grid_name, "0.5"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 10
+            while raw[RawArray.WANT] == 0:
+                assert time.monotonic() < deadline, "the reader never registered for the writer lock"
+            w = raw[RawArray.WANT]
+            assert w & ((1 << 22) - 1) == r.pid
+            if holder == "committed_then_taken_by_a_stopped_thread":
+                raw[RawArray.WANT] = w | (1 << 63)
+                time.sleep(1.0)
+        finally:
+            stop.set()
+            t.join()
+        raw[RawArray.SEQ1] += 1  # X stopped in LIVE's copy: BACKUP is whole
+        if holder == "offered_then_killed":
+            raw[RawArray.OWNER] = w | (1 << 63)
+        ready, _, _ = select.select([r.stdout], [], [], 10)
+        assert ready, "the reader's snapshot(timeout=0.5) has not returned after 10 s"
+        line = r.stdout.readline()
+        if holder == "committed_then_taken_by_a_stopped_thread":
+            assert line.startswith("Busy after 0.") and float(line.split()[-1]) < 2.0, line
+            snap, v = a.snapshot(timeout=5)
+        else:
+            assert line.startswith("snapshot 1 [0.0, 1.0, 2.0"), line
+            assert a.repair(timeout=2) in (True, False)  # R released it, or the stale offer is taken over
+            assert raw[RawArray.OWNER] == 0 and raw[RawArray.WANT] == 0
+            snap, v = a.snapshot(timeout=5)
+        assert v == 1 and snap.tolist() == list(np.arange(8.0))
+    finally:
+        if r is not None:
+            r.stdin.close()
+            try:
+                r.wait(10)
+            except subprocess.TimeoutExpired:
+                r.kill()
+                r.wait()
+            r.stdout.close()
+        x.kill()
+        x.wait()
+        if raw is not None:
+            raw.close()
+        g.close()
