@@ -18,7 +18,8 @@ struct sg_array {
     sg_grid *g;
     sg_array_hdr *hdr;
     uint64_t *buf[2];  /* the live and backup buffers, mapped in this process */
-    uint64_t nbytes;
+    uint64_t nbytes;   /* checked at open and never re-read from the header */
+    uint32_t desc_len; /* likewise: the description is at hdr + 1 */
     uint64_t obj;      /* offset of the header block: names the array in `waiting` */
     uint32_t spin;     /* adaptive spin budget of the writer lock (a hint shared by threads) */
 };
@@ -29,11 +30,17 @@ struct sg_array {
  * tries the seqlock again otherwise (a publisher stopped mid-copy). */
 #define SG_ARRAY_READ_ROUNDS 2
 #define SG_ARRAY_LOCK_SLICE_NS 1000000ll
+/* A writer-lock acquirer looks for an offer nobody will accept (see
+ * sg__array_take_stale) at least this often while it waits. */
+#define SG_ARRAY_STALE_SLICE_NS 10000000ll
 /* A reader's copy looks for a publisher's new section this often (bytes;
  * a multiple of 8). */
 #define SG_ARRAY_CHUNK (64u << 10)
 /* wait_version sleeps at most this long before looking again. */
 #define SG_ARRAY_SLEEP_SLICE_NS 100000000ll
+
+/* now + d, saturating: deadlines may be UINT64_MAX (no timeout). */
+static uint64_t sg__array_after(uint64_t now, uint64_t d) { return now > UINT64_MAX - d ? UINT64_MAX : now + d; }
 
 static uint64_t sg__array_stride(uint64_t nbytes) { return (nbytes + SG_ARRAY_ALIGN - 1) & ~(uint64_t)(SG_ARRAY_ALIGN - 1); }
 
@@ -89,15 +96,25 @@ int sg_array_open(sg_grid *g, const char *name, const char *desc, size_t desc_le
     sg_array_hdr *h = sg__object_payload(g, e, sizeof(sg_array_hdr));
     if (!h)
         return SG_ECORRUPT;
-    if (h->nbytes != e->param[0] || h->desc_len != e->param[2] || h->desc_hash != e->param[1] ||
-        h->desc_len > SG_ARRAY_DESC_MAX || h->stride != sg__array_stride(h->nbytes) || h->data % SG_ARRAY_ALIGN ||
-        h->data < e->obj + SG_BLOCK_HDR + sizeof *h + h->desc_len ||
-        !sg__object_payload(g, e, h->data - e->obj - SG_BLOCK_HDR + 2 * h->stride))
+    /* The header is shared memory anyone may have damaged: read each field
+     * once, bound it, and use only these checked copies from here on (a
+     * second read could see another value than the one checked). */
+    uint64_t hn = h->nbytes, hs = h->stride, hd = h->data, hh = h->desc_hash;
+    uint32_t hl = h->desc_len;
+    /* payload offset of buffer 0; only meaningful once hd is checked */
+    uint64_t first = sizeof *h + hl;
+    /* hn <= SG_ARRAY_MAX_BYTES, so 2 * hs cannot wrap; hd is bounded by the
+     * segment before anything is added to it, so the block check's size
+     * (at most the segment's) cannot wrap either */
+    if (hn != e->param[0] || hl != e->param[2] || hh != e->param[1] || hn > SG_ARRAY_MAX_BYTES ||
+        hl > SG_ARRAY_DESC_MAX || hs != sg__array_stride(hn) || hd % SG_ARRAY_ALIGN ||
+        hd < e->obj + SG_BLOCK_HDR + first || hd > g->size || g->size - hd < 2 * hs ||
+        !sg__object_payload(g, e, hd - e->obj - SG_BLOCK_HDR + 2 * hs))
         return sg__fail(SG_ECORRUPT, "array '%s': header disagrees with its directory entry", name);
-    if (desc && (desc_len != h->desc_len || memcmp(desc, h + 1, desc_len) != 0))
+    if (desc && (desc_len != hl || memcmp(desc, h + 1, desc_len) != 0))
         return sg__fail(SG_EMISMATCH, "array '%s' exists as %.*s; it was asked for as %.*s", name,
-                        (int)(h->desc_len < 400 ? h->desc_len : 400), (const char *)(h + 1),
-                        (int)(desc_len < 400 ? desc_len : 400), desc);
+                        (int)(hl < 400 ? hl : 400), (const char *)(h + 1), (int)(desc_len < 400 ? desc_len : 400),
+                        desc);
     static const char *const field[] = {"nbytes"};
     const uint64_t asked[] = {desc ? nbytes : 0};
     if ((rc = sg__object_check(e, "array", name, field, asked, 1)))
@@ -107,9 +124,10 @@ int sg_array_open(sg_grid *g, const char *name, const char *desc, size_t desc_le
         return sg__fail(SG_ENOMEM, "out of process memory");
     a->g = g;
     a->hdr = h;
-    a->buf[SG_ARRAY_LIVE] = (uint64_t *)(g->base + h->data);
-    a->buf[SG_ARRAY_BACKUP] = (uint64_t *)(g->base + h->data + h->stride);
-    a->nbytes = h->nbytes;
+    a->buf[SG_ARRAY_LIVE] = (uint64_t *)(g->base + hd);
+    a->buf[SG_ARRAY_BACKUP] = (uint64_t *)(g->base + hd + hs);
+    a->nbytes = hn;
+    a->desc_len = hl;
     a->obj = e->obj;
     a->spin = SG_SPIN_START_NS;
     sg_ref_inc(&g->refs);
@@ -136,7 +154,7 @@ void sg_array_free(sg_array *a)
 int64_t sg_array_desc(sg_array *a, char *out, size_t cap)
 {
     SG_CHECK_GRID(a->g);
-    uint32_t n = a->hdr->desc_len;
+    uint32_t n = a->desc_len;
     if (cap) /* out may be NULL when asking for the length */
         memcpy(out, a->hdr + 1, n < cap ? n : cap);
     return n;
@@ -146,12 +164,33 @@ uint64_t sg_array_nbytes(sg_array *a) { return a->nbytes; }
 
 void *sg_array_live(sg_array *a) { return a->g->base ? a->buf[SG_ARRAY_LIVE] : NULL; }
 
+/* The newest complete version: `version`, or LIVE's if that is ahead (a
+ * publisher killed between its LIVE section and its `version` store leaves
+ * LIVE one ahead until the next writer-lock holder repairs; snapshot already
+ * returns LIVE's version then, so version and wait must not lag it). */
+static uint64_t sg__array_newest(sg_array *a)
+{
+    sg_array_hdr *h = a->hdr;
+    /* SYNC POINT: array-version (acquire) */
+    uint64_t v = sg_load_acquire(&h->version);
+    /* SYNC POINT: array-seq (acquire, then the acquire fence and the same
+     * seq again, as in sg__array_copy): an unchanged even seq means `ver`
+     * was stored by the section that completed it, not by a later one */
+    uint64_t s = sg_load_acquire(&h->buf[SG_ARRAY_LIVE].seq);
+    if (s & 1)
+        return v;
+    uint64_t vl = sg_load_relaxed(&h->buf[SG_ARRAY_LIVE].ver);
+    sg_fence_acquire();
+    if (sg_load_relaxed(&h->buf[SG_ARRAY_LIVE].seq) != s)
+        return v;
+    return vl > v ? vl : v;
+}
+
 uint64_t sg_array_version(sg_array *a)
 {
     if (!a->g->base)
         return 0;
-    /* SYNC POINT: array-version (acquire) */
-    return sg_load_acquire(&a->hdr->version);
+    return sg__array_newest(a);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -279,30 +318,71 @@ static int sg__array_fix(sg_array *a)
     return fixed ? SG_OK : SG_NO;
 }
 
-static int sg__array_lock(sg_array *a, int64_t timeout_ns)
+/* The writer lock is offered to a reader that no longer waits for it:
+ * owner = W | OFFERED with W dead or not (or no longer) registered in
+ * `want`. Only a holder that stopped or died between its offer and its
+ * check of `want` leaves one (see the layout). Take the lock over from such
+ * an offer: SG_OK if we did, SG_NO if there is none or we lost the CAS. */
+static int sg__array_take_stale(sg_array *a, uint64_t me)
 {
-    int rc = sg__mutex_acquire(a->g, a->obj, &a->hdr->writer, &a->spin, timeout_ns);
-    return rc == SG_OWNERDIED ? SG_OK : rc;
+    sg_array_hdr *h = a->hdr;
+    uint64_t o = sg_load_seq_cst(&h->writer.owner);
+    if (!(o & SG_ARRAY_OFFERED))
+        return SG_NO;
+    uint64_t w = o & ~SG_ARRAY_OFFERED;
+    if (w != me && sg_load_seq_cst(&h->want) == w && sg__thread_alive(w))
+        return SG_NO; /* W waits for it and will take it */
+    /* SYNC POINT: lock (acquire): the offering holder's release (its CAS
+     * heads the release sequence our CAS reads from) */
+    if (!sg_cas_acquire(&h->writer.owner, &o, me))
+        return SG_NO;
+    sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
+    return SG_OK;
 }
 
-/* Release the writer lock, or hand it to the reader registered in `want`. */
+/* The robust lock, plus: an offer nobody will accept is a free lock. */
+static int sg__array_lock(sg_array *a, int64_t timeout_ns)
+{
+    uint64_t deadline = sg__deadline(timeout_ns), me = sg__thread_word();
+    for (;;) {
+        if (sg__array_take_stale(a, me) == SG_OK)
+            return SG_OK;
+        uint64_t now = sg__mono_ns(), left = deadline > now ? deadline - now : 0;
+        int64_t slice = left < (uint64_t)SG_ARRAY_STALE_SLICE_NS ? (int64_t)left : SG_ARRAY_STALE_SLICE_NS;
+        int rc = sg__mutex_acquire(a->g, a->obj, &a->hdr->writer, &a->spin, slice);
+        if (rc == SG_OWNERDIED)
+            return SG_OK;
+        if (rc != SG_EAGAIN || left <= (uint64_t)SG_ARRAY_STALE_SLICE_NS)
+            return rc;
+    }
+}
+
+/* Release the writer lock, or offer it to the reader registered in `want`:
+ * one CAS of `owner` from us to W | OFFERED, so that whenever we stop or
+ * die the lock is either ours (an ordinary dead holder) or offered. */
 static void sg__array_unlock(sg_array *a)
 {
     sg_array_hdr *h = a->hdr;
-    uint64_t w = sg_load_acquire(&h->want);
-    if (w & SG_ARRAY_HANDED) {
-        /* handed to a reader that then died: we took the lock over from it */
-        if (!sg__thread_alive(w & ~SG_ARRAY_HANDED))
-            sg_cas_acq_rel(&h->want, &w, 0);
-    } else if (w) {
-        if (!sg__thread_alive(w)) {
-            sg_cas_acq_rel(&h->want, &w, 0); /* a dead reader's registration */
-        } else if (sg_cas_acq_rel(&h->want, &w, w | SG_ARRAY_HANDED)) {
-            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
-            /* SYNC POINT: lock (release): what we wrote holding it is
-             * visible to the reader we hand it to */
-            sg_store_release(&h->writer.owner, w);
+    uint64_t me = sg__thread_word();
+    uint64_t w = sg_load_seq_cst(&h->want);
+    if (w && w != me && !sg__thread_alive(w)) {
+        sg_cas_acq_rel(&h->want, &w, 0); /* a dead reader's registration */
+    } else if (w && w != me) {
+        uint64_t cur = me, offer = w | SG_ARRAY_OFFERED;
+        /* SYNC POINT: lock (release): what we wrote holding it is visible
+         * to whoever takes the offer (W accepting, or a taker of a stale
+         * offer), as with any release. Seq_cst with W's withdrawal: W's
+         * CAS of `want` to 0, then of `owner` from the offer; ours of
+         * `owner`, then the load of `want` below. Either W sees the offer
+         * or we see it gone. */
+        if (sg_cas_seq_cst(&h->writer.owner, &cur, offer)) {
             sg__event_signal(&h->writer.event);
+            if (sg_load_seq_cst(&h->want) != w) {
+                /* W withdrew without seeing it: take it back, freeing the
+                 * lock (lost the CAS: W or a taker has it) */
+                if (sg_cas_seq_cst(&h->writer.owner, &offer, 0))
+                    sg__event_signal(&h->writer.event);
+            }
             return;
         }
     }
@@ -310,57 +390,76 @@ static void sg__array_unlock(sg_array *a)
 }
 
 /* A reader registered in `want` as `me`: wait until the writer lock is
- * ours (handed over, or taken free or from a dead holder) or the deadline.
- * SG_OK holding the lock (unregistered), or SG_EAGAIN / an error, no
- * longer registered and not holding it. */
-static int sg__array_wait_handoff(sg_array *a, uint64_t me, uint64_t deadline)
+ * ours (offered to us and accepted, taken free or from a dead holder) or
+ * until the deadline, or a slice without progress of the publishers (the
+ * holder may be stopped: the seqlock serves us then). Never waits on
+ * another process: the offer is one CAS of `owner` by the holder and our
+ * acceptance is our own CAS. SG_OK holding the lock, unregistered; SG_EAGAIN
+ * or an error, unregistered and not holding it. */
+static int sg__array_wait_offer(sg_array *a, uint64_t me, uint64_t deadline)
 {
     sg_array_hdr *h = a->hdr;
-    int rc;
+    const uint64_t offer = me | SG_ARRAY_OFFERED;
+    int rc = SG_EAGAIN;
     uint64_t seqs = sg_load_relaxed(&h->buf[0].seq) + sg_load_relaxed(&h->buf[1].seq);
-    uint64_t slice_end = sg__mono_ns() + SG_ARRAY_LOCK_SLICE_NS;
+    uint64_t slice_end = sg__array_after(sg__mono_ns(), SG_ARRAY_LOCK_SLICE_NS);
     for (;;) {
-        /* SYNC POINT: lock (acquire): the holder's release store naming us */
-        if (sg_load_acquire(&h->writer.owner) == me)
+        uint64_t o = offer;
+        /* SYNC POINT: lock (acquire): the holder's release CAS offering it */
+        if (sg_cas_acquire(&h->writer.owner, &o, me)) {
+            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
             break;
+        }
         rc = sg__mutex_acquire(a->g, a->obj, &h->writer, &a->spin, 0);
         if (rc == SG_OK || rc == SG_OWNERDIED)
             break;
-        if (rc == SG_EDEADLK)
-            continue; /* handed over between our look and its own */
+        if (rc == SG_EAGAIN && sg__array_take_stale(a, me) == SG_OK)
+            break;
+        if (rc != SG_EAGAIN)
+            goto withdraw;
         uint64_t now = sg__mono_ns();
-        if (rc == SG_EAGAIN && now >= slice_end && now < deadline) {
+        if (now >= deadline)
+            goto withdraw;
+        if (now >= slice_end) {
             /* still worth waiting while publishers make progress: the
-             * lock comes at the end of the current publish */
+             * offer comes at the end of the current publish */
             uint64_t moved = sg_load_relaxed(&h->buf[0].seq) + sg_load_relaxed(&h->buf[1].seq);
             if (moved == seqs)
-                now = deadline; /* stopped (or idle): go back to the seqlock */
+                goto withdraw; /* stopped (or idle): go back to the seqlock */
             seqs = moved;
-            slice_end = now + SG_ARRAY_LOCK_SLICE_NS;
-        }
-        if (rc != SG_EAGAIN || now >= deadline) {
-            uint64_t mine = me;
-            if (sg_cas_acq_rel(&h->want, &mine, 0))
-                return rc == SG_EAGAIN ? sg__fail(SG_EAGAIN, "array: the writer lock stayed held") : rc;
-            deadline = UINT64_MAX; /* a holder committed to us: the lock is on its way */
-            continue;
+            slice_end = sg__array_after(now, SG_ARRAY_LOCK_SLICE_NS);
         }
         uint32_t v = sg__event_prepare(&h->writer.event);
-        if (sg_load_acquire(&h->writer.owner) == me || sg_load_relaxed(&h->writer.owner) == 0)
+        uint64_t cur = sg_load_acquire(&h->writer.owner);
+        if (cur == 0 || (cur & SG_ARRAY_OFFERED))
             continue;
         if ((rc = sg__event_sleep(a->g, a->obj, &h->writer.event, v, slice_end < deadline ? slice_end : deadline,
                                   SG_ARRAY_LOCK_SLICE_NS)) &&
-            rc != SG_EAGAIN) {
-            uint64_t mine = me;
-            if (sg_cas_acq_rel(&h->want, &mine, 0))
-                return rc;
-            deadline = UINT64_MAX;
-        }
+            rc != SG_EAGAIN)
+            goto withdraw;
     }
-    /* We hold the lock, so no holder is in sg__array_unlock: `want` is ours
-     * (me, or me | HANDED) and nobody else writes it until we clear it. */
-    sg_store_relaxed(&h->want, 0);
+    /* We hold the lock and live: nobody else writes `want` while it names
+     * us (holders clear only a dead reader's, readers CAS only from 0). */
+    sg_store_seq_cst(&h->want, 0);
     return SG_OK;
+withdraw:;
+    /* Seq_cst, paired with the holder's offer (see sg__array_unlock): an
+     * offer made before our withdrawal is seen by the CAS below, and a
+     * holder that offers later sees `want` changed and takes it back. */
+    uint64_t mine = me;
+    (void)sg_cas_seq_cst(&h->want, &mine, 0);
+    uint64_t o = offer;
+    if (sg_cas_seq_cst(&h->writer.owner, &o, rc == SG_EAGAIN ? me : 0)) {
+        /* SYNC POINT: lock (acquire, by the seq_cst CAS): the offering
+         * holder's release. Timed out: the lock is here, so use it (a
+         * bounded copy). An error: decline it, freeing the lock. */
+        if (rc == SG_EAGAIN) {
+            sg_fetch_add_relaxed(&h->writer.acquisitions, 1);
+            return SG_OK;
+        }
+        sg__event_signal(&h->writer.event);
+    }
+    return rc == SG_EAGAIN ? sg__fail(SG_EAGAIN, "array: the writer lock stayed held") : rc;
 }
 
 int sg_array_repair(sg_array *a, int64_t timeout_ns)
@@ -418,8 +517,8 @@ int sg_array_snapshot(sg_array *a, void *out, int64_t timeout_ns, uint64_t *vers
                                                                                : now + SG_ARRAY_LOCK_SLICE_NS;
         uint64_t me = sg__thread_word(), none = 0;
         int rc;
-        if (sg_cas_acq_rel(&h->want, &none, me)) /* registered: the holder hands the lock to us */
-            rc = sg__array_wait_handoff(a, me, deadline);
+        if (sg_cas_acq_rel(&h->want, &none, me)) /* registered: the holder offers the lock to us */
+            rc = sg__array_wait_offer(a, me, deadline);
         else /* another reader is registered: it is served first */
             rc = sg__array_lock(a, (int64_t)(slice_end - now));
         if (rc == SG_EAGAIN)
@@ -443,16 +542,18 @@ int sg_array_wait(sg_array *a, uint64_t after, int64_t timeout_ns, uint64_t *ver
     sg_array_hdr *h = a->hdr;
     uint64_t deadline = sg__deadline(timeout_ns);
     for (;;) {
-        /* SYNC POINT: array-version (acquire) */
-        uint64_t v = sg_load_acquire(&h->version);
+        uint64_t v = sg__array_newest(a);
         if (v > after) {
             *version = v;
             return SG_OK;
         }
         if (timeout_ns == 0)
             return sg__fail(SG_EAGAIN, "array version is still %llu", (unsigned long long)v);
+        /* A publisher signals after its `version` store; one killed before
+         * it does not signal, and the sleep's slice bounds how long that
+         * version (already complete in LIVE) goes unnoticed. */
         uint32_t ev = sg__event_prepare(&h->published);
-        if (sg_load_acquire(&h->version) > after)
+        if (sg__array_newest(a) > after)
             continue;
         int rc = sg__event_sleep(a->g, a->obj, &h->published, ev, deadline, SG_ARRAY_SLEEP_SLICE_NS);
         if (rc == SG_EAGAIN)
@@ -468,7 +569,7 @@ int sg_array_info_get(sg_array *a, sg_array_info *out)
     sg_array_hdr *h = a->hdr;
     memset(out, 0, sizeof *out);
     out->nbytes = a->nbytes;
-    out->version = sg_load_acquire(&h->version);
+    out->version = sg__array_newest(a);
     out->publishes = sg_load_relaxed(&h->publishes);
     out->repairs = sg_load_relaxed(&h->repairs);
     out->locked_reads = sg_load_relaxed(&h->locked_reads);
@@ -477,7 +578,7 @@ int sg_array_info_get(sg_array *a, sg_array_info *out)
         out->seq[i] = sg_load_acquire(&h->buf[i].seq);
         out->ver[i] = sg_load_relaxed(&h->buf[i].ver);
     }
-    out->desc_len = h->desc_len;
+    out->desc_len = a->desc_len;
     uint64_t w = sg_load_acquire(&h->writer.owner);
     out->writer_tid = (uint32_t)(w & SG_PW_PID_MASK);
     out->writer_alive = w ? (uint32_t)sg__thread_alive(w) : 0;

@@ -134,7 +134,7 @@ uint32_t sg_layout_signature(void)
         SG_RING_SKIP(1), SG_TOPIC_SKIP(1), SG_CLAIM(16, SG_CLAIM_PUBLISH), SG_EVENT_WAITERS,
         offsetof(sg_map_hdr, feed), offsetof(sg_map_hdr, mirror), sizeof(sg_mirror_desc), sizeof(sg_feed_hdr), sizeof(sg_feed_rec), SG_FEED_PUB(1), SG_FEED_DELETE,
         sizeof(sg_array_hdr), offsetof(sg_array_hdr, buf), offsetof(sg_array_hdr, version), sizeof(sg_array_buf), SG_ARRAY_ALIGN,
-        offsetof(sg_array_hdr, want), SG_ARRAY_HANDED,
+        offsetof(sg_array_hdr, want), SG_ARRAY_OFFERED,
     };
     uint64_t h = sg_hash64((const char *)v, sizeof v);
     return (uint32_t)(h ^ (h >> 32));

@@ -30,7 +30,7 @@
 #define SG_CACHE_LINE 64u
 
 #define SG_MAGIC ((uint64_t)SG_SEGMENT_MAGIC) /* the bytes "SHMGRID\0" read as a little-endian u64 */
-#define SG_FORMAT_VERSION 5u
+#define SG_FORMAT_VERSION 6u /* 6: the array's writer lock is offered in `owner` */
 
 #define SG_DIR_ENTRIES ((unsigned)SG_DIR_SIZE)
 #define SG_PROC_SLOTS ((unsigned)SG_PROC_TABLE_SIZE)
@@ -746,20 +746,39 @@ _Static_assert(sizeof(sg_lock_hdr) == SG_CACHE_LINE, "layout");
  * a publisher made progress) takes `writer` itself after a few tries and
  * copies LIVE while holding it. Publishers publishing back to back would
  * win every race for a free lock, so the reader registers in `want` (CAS
- * 0 -> its thread word) and the holder hands the lock over on release
- * instead of freeing it:
+ * 0 -> its thread word W) and the holder offers it the lock on release
+ * instead of freeing it. The offer lives in the lock word itself:
  *
- *   want  0 none; W a reader waits; W | HANDED the holder committed to W
+ *   want   0 none; W a reader waits (only W clears it, or a holder that
+ *          finds W dead)
+ *   owner  as in any robust lock, plus W | OFFERED: the last holder gave
+ *          the lock up to W, who has not taken it yet
  *
- * The holder CASes W -> W | HANDED, then stores owner = W with release
- * (SYNC POINT: lock, as for any release) and signals the lock's event. A
- * reader giving up CASes W -> 0; if that fails the lock is on its way and
- * it waits for it. A registered reader that died is unregistered by the
- * next holder (CAS W -> 0 after a liveness check); one that died holding
- * the handed lock is an ordinary dead holder. The reader waits in slices of
- * 1 ms between which it withdraws and tries the seqlock again (a publisher
- * stopped mid-copy leaves a buffer it can read): so no reader waits on a
- * dead or stopped process, and a live one serves it within one publish.
+ *   holder H (unlock)              reader W (registered)
+ *   w = want                       CAS owner W|OFFERED -> W: holds it
+ *   CAS owner H -> W|OFFERED  (1)  ... or at its deadline, or a slice with
+ *   signal the lock's event        no publisher progress (holder stopped):
+ *   if want != W:             (2)    CAS want W -> 0               (3)
+ *     CAS owner W|OFFERED -> 0       CAS owner W|OFFERED -> W: take it
+ *     (W withdrew unseen)            (or -> 0 to decline, on an error)  (4)
+ *
+ * (1) is a release (SYNC POINT: lock, as for any release) and W's CAS the
+ * acquire. The handover is one CAS: whenever H stops or dies, `owner` is
+ * H (an ordinary dead or stopped holder) or the offer; W never waits on a
+ * second store of H's, so its timeout always holds and it goes back to the
+ * seqlock, where the buffer a stopped or dead writer is not writing holds
+ * a whole version. (1)-(4) are seq_cst, so of H's load (2) and W's CAS (4)
+ * at least one sees the other's side: W takes an offer made before its
+ * withdrawal, H takes back one made after it. An offer that still nobody
+ * will accept (H stopped or died between (1) and (2), or W died) is
+ * "stale": owner = W|OFFERED with W dead or want != W. Any acquirer takes
+ * a stale offer over by CAS, as from a dead holder, and waiting acquirers
+ * look for one at least every 10 ms. Every change of `owner` is a CAS, so
+ * two parties never both hold the lock. A registered reader that died is
+ * unregistered by the next holder (CAS W -> 0 after a liveness check); one
+ * that died holding the lock is an ordinary dead holder. A reader stopped
+ * while registered holds publishers back (their timeouts hold) as a
+ * stopped holder does; readers never wait on it.
  * ------------------------------------------------------------------------ */
 enum { SG_ARRAY_LIVE = 0, SG_ARRAY_BACKUP = 1 };
 
@@ -791,7 +810,7 @@ typedef struct sg_array_hdr {
     /* line 4: written by readers. Sleepers in wait_version wait on
      * `published` (an event, see Events; publishers signal it); `locked_reads`
      * counts snapshots that had to take the writer lock; `want` is the
-     * reader waiting to be handed the writer lock (see above): readers and
+     * reader waiting to be offered the writer lock (see above): readers and
      * the lock holder CAS it. */
     uint32_t published;
     uint32_t _pad4a;
@@ -809,6 +828,6 @@ _Static_assert(sizeof(sg_array_hdr) == 5 * SG_CACHE_LINE, "description starts af
 _Static_assert(sizeof(sg_array_buf) == 16, "layout");
 
 #define SG_ARRAY_ALIGN 64u
-#define SG_ARRAY_HANDED (1ull << 63) /* in `want`: thread words use bits 0-61 */
+#define SG_ARRAY_OFFERED (1ull << 63) /* in writer.owner: thread words use bits 0-61 */
 
 #endif /* SG_LAYOUT_H */

@@ -20,7 +20,11 @@ import multiprocessing as mp
 import os
 import pickle
 import random
+import select
 import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -728,3 +732,229 @@ def test_a_damaged_description_is_corrupt_not_a_crash(grid, bad):
         grid.array("a")
     with pytest.raises(ObjectMismatch):  # asked for with the real description: it differs now
         grid.array("a", 7, "<i2")
+
+
+# ---------------------------------------------------------------------------
+# raw access to an array's shared header, to damage it or to leave the
+# states a process killed (or stopped) at a chosen instruction leaves
+
+
+class RawArray:
+    """The array's words in the segment, through a second mapping.
+    Offsets follow csrc/sg_layout.h (directory at 8192, 128-byte entries,
+    the object offset at +80, params at +88; sg_array_hdr after the 16-byte
+    block header)."""
+
+    NBYTES, STRIDE, DATA, HASH, DESCLEN = 0, 8, 16, 24, 32
+    OWNER = 64  # writer.owner
+    SEQ0, VER0, SEQ1, VER1 = 128, 136, 144, 152
+    VERSION = 192
+    WANT = 256 + 16
+
+    def __init__(self, grid_name, name):
+        fd = os.open(f"/dev/shm/{grid_name}", os.O_RDWR)
+        try:
+            self.m = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        nb, off = name.encode(), 8192
+        while True:
+            kind, nlen = struct.unpack_from("<II", self.m, off + 8)
+            if kind == 6 and nlen == len(nb) and self.m[off + 16: off + 16 + nlen] == nb:
+                break
+            off += 128
+        self.dirent = off
+        self.hdr = struct.unpack_from("<Q", self.m, off + 80)[0] + 16
+
+    def __getitem__(self, field):
+        return struct.unpack_from("<Q", self.m, self.hdr + field)[0]
+
+    def __setitem__(self, field, v):
+        struct.pack_into("<Q", self.m, self.hdr + field, v)
+
+    def set_param(self, i, v):
+        struct.pack_into("<Q", self.m, self.dirent + 88 + 8 * i, v)
+
+    def close(self):
+        self.m.close()
+
+
+def thread_word(tid):
+    """The lock-owner word of a thread (csrc: sg__thread_word)."""
+    with open(f"/proc/{tid}/stat") as f:
+        s = f.read()
+    start = int(s[s.rindex(")") + 2:].split()[19])
+    return ((start & ((1 << 40) - 1)) << 22) | tid
+
+
+def _open_in_child(grid_name):
+    """Open array 'a' in a fresh process: its exit code and output (a crash
+    shows as a negative return code)."""
+    code = ("import shmgrid\ng = shmgrid.Grid.attach(%r)\ntry:\n    g.array('a')\n"
+            "except shmgrid.CorruptSegment as e:\n    print('CorruptSegment', e)\n" % grid_name)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("damage", ["nbytes", "nbytes_odd_seq", "data", "desc_len", "stride"])
+def test_a_damaged_array_header_is_corrupt_not_a_crash(grid, damage):
+    """Sizes in the header and its directory entry that wrap the payload
+    arithmetic (nbytes = stride = 2**63 makes 2 * stride 0), or point the
+    buffers outside the block or the segment, give CorruptSegment at open,
+    in a fresh process (a crash would kill it), never a SIGSEGV."""
+    a = grid.array("a", (8,), np.float64)
+    a.publish(np.arange(8.0))
+    raw = RawArray(grid.name, "a")
+    try:
+        big = 1 << 63
+        if damage.startswith("nbytes"):
+            raw[RawArray.NBYTES] = big
+            raw.set_param(0, big)
+            raw[RawArray.STRIDE] = big
+            if damage == "nbytes_odd_seq":  # LIVE looks torn: open would repair it
+                raw[RawArray.SEQ0] |= 1
+        elif damage == "data":
+            raw[RawArray.DATA] = (1 << 64) - 64 * 1024
+        elif damage == "desc_len":
+            struct.pack_into("<I", raw.m, raw.hdr + RawArray.DESCLEN, 1 << 20)
+            raw.set_param(2, 1 << 20)
+        else:
+            raw[RawArray.STRIDE] = big
+        rc, out = _open_in_child(grid.name)
+        assert rc == 0 and out.startswith("CorruptSegment") and "'a'" in out, (rc, out)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_version_and_wait_do_not_lag_a_publisher_killed_before_its_version_store(grid):
+    """A publisher killed after its LIVE section and before its `version`
+    store leaves LIVE holding v + 1 whole, BACKUP v and `version` v.
+    snapshot() returns v + 1 then, so `version` says v + 1 too and
+    wait_version(v) returns it, instead of sleeping until another
+    publisher repairs; a waiter already asleep notices within its slice."""
+    a = grid.array("a", (4,), np.float64)
+    a.publish(np.full(4, 1.0))
+    a.publish(np.full(4, 2.0))
+    raw = RawArray(grid.name, "a")
+    try:
+        raw[RawArray.VERSION] = 1  # as if killed right after the LIVE section of version 2
+        raw[RawArray.VER1] = 1
+        snap, v = a.snapshot(timeout=5)
+        assert v == 2 and (snap == 2.0).all()
+        assert a.version == 2 and a.stats()["version"] == 2
+        assert a.wait_version(1, timeout=1.0) == 2
+        # a waiter asleep on version 2 when a publisher of 3 dies the same way
+        got = []
+        t = threading.Thread(target=lambda: got.append(a.wait_version(2, timeout=10)))
+        t.start()
+        time.sleep(0.2)
+        assert t.is_alive()
+        raw[RawArray.SEQ0] += 1  # the LIVE section of version 3 ...
+        raw[RawArray.VER0] = 3
+        raw[RawArray.SEQ0] += 1  # ... completes; no `version` store, no signal
+        t.join(15)
+        assert got == [3] and a.version == 3
+        assert a.repair(timeout=5) is True  # the next writer-lock holder brings the rest up to it
+        assert raw[RawArray.VERSION] == 3 and raw[RawArray.VER1] == 3
+    finally:
+        raw.close()
+
+
+_READER = """\
+import sys, time, shmgrid
+g = shmgrid.Grid.attach(sys.argv[1])
+a = g.array("a")
+t = time.monotonic()
+try:
+    snap, v = a.snapshot(timeout=float(sys.argv[2]))
+    print("snapshot", v, snap.tolist(), end=" ")
+except shmgrid.Busy:
+    print("Busy", end=" ")
+print("after %.2f" % (time.monotonic() - t), flush=True)
+sys.stdin.read()  # stays alive (its thread word too) until the test is done
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("holder", ["committed_then_taken_by_a_stopped_thread", "offered_then_killed"])
+def test_a_registered_readers_timeout_holds_whatever_the_holder_did(grid_name, holder):
+    """A reader that lost the seqlock to publishers registers for the writer
+    lock (here: a live process X holds it and both seq words keep moving,
+    so the reader stays registered). Then:
+
+    - committed_then_taken_by_a_stopped_thread: the state the two-store
+      hand-over left when its holder died between "want = R | HANDED" and
+      "owner = R" and X (live, then stopped mid-copy) took the lock over:
+      the reader once spun forever at 100% CPU. Its timeout must hold
+      (Busy after 0.5 s), and a new snapshot then reads the buffer X is
+      not writing.
+    - offered_then_killed: the holder offered the lock to R (owner =
+      R | OFFERED) and died. R takes it (or, if it went back to the
+      seqlock first, the offer is stale and the next acquirer takes it):
+      R gets a whole version and the lock does not stay with R.
+    """
+    g = shmgrid.Grid.create(grid_name, size="16MiB")
+    x = subprocess.Popen(["sleep", "60"])
+    r = None
+    raw = None
+    try:
+        a = g.array("a", (8,), np.float64)
+        a.publish(np.arange(8.0))
+        raw = RawArray(grid_name, "a")
+        raw[RawArray.OWNER] = thread_word(x.pid)  # X (alive) holds the writer lock ...
+        raw[RawArray.SEQ0] |= 1  # ... and both buffers look mid-copy: the seqlock fails
+        raw[RawArray.SEQ1] |= 1
+        stop = threading.Event()
+
+        def mover():  # X "publishing": the seq words move, so R keeps waiting for the lock
+            while not stop.is_set():
+                raw[RawArray.SEQ0] += 2
+                raw[RawArray.SEQ1] += 2
+                time.sleep(0.0005)
+
+        t = threading.Thread(target=mover)
+        t.start()
+        try:
+            r = subprocess.Popen([sys.executable, "-c", _READER, grid_name, "0.5"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 10
+            while raw[RawArray.WANT] == 0:
+                assert time.monotonic() < deadline, "the reader never registered for the writer lock"
+            w = raw[RawArray.WANT]
+            assert w & ((1 << 22) - 1) == r.pid
+            if holder == "committed_then_taken_by_a_stopped_thread":
+                raw[RawArray.WANT] = w | (1 << 63)
+                time.sleep(1.0)
+        finally:
+            stop.set()
+            t.join()
+        raw[RawArray.SEQ1] += 1  # X stopped in LIVE's copy: BACKUP is whole
+        if holder == "offered_then_killed":
+            raw[RawArray.OWNER] = w | (1 << 63)
+        ready, _, _ = select.select([r.stdout], [], [], 10)
+        assert ready, "the reader's snapshot(timeout=0.5) has not returned after 10 s"
+        line = r.stdout.readline()
+        if holder == "committed_then_taken_by_a_stopped_thread":
+            assert line.startswith("Busy after 0.") and float(line.split()[-1]) < 2.0, line
+            snap, v = a.snapshot(timeout=5)
+        else:
+            assert line.startswith("snapshot 1 [0.0, 1.0, 2.0"), line
+            assert a.repair(timeout=2) in (True, False)  # R released it, or the stale offer is taken over
+            assert raw[RawArray.OWNER] == 0 and raw[RawArray.WANT] == 0
+            snap, v = a.snapshot(timeout=5)
+        assert v == 1 and snap.tolist() == list(np.arange(8.0))
+    finally:
+        if r is not None:
+            r.stdin.close()
+            try:
+                r.wait(10)
+            except subprocess.TimeoutExpired:
+                r.kill()
+                r.wait()
+            r.stdout.close()
+        x.kill()
+        x.wait()
+        if raw is not None:
+            raw.close()
+        g.close()
