@@ -19,10 +19,10 @@ map) go through the bridge one by one, as the single calls do.
 from __future__ import annotations
 
 from array import array
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
-from .errors import _BY_CODE, InvalidArgument, RemoteUnavailable, ShmgridError, raise_for
+from .errors import _BY_CODE, InvalidArgument, ShmgridError, raise_for
 
 _EREMOTE = lib.SG_EREMOTE
 _ENOKEY = lib.SG_ENOKEY
@@ -166,9 +166,9 @@ def _check(rc: int) -> None:
 
 class _Remote:
     """Elements refused with SG_EREMOTE go through the bridge one by one, in
-    order; the first RemoteUnavailable stops the rest (each would wait for
-    the same unreachable owner), and is raised with ``failed`` listing every
-    remote element not done."""
+    order; the first that fails (RemoteUnavailable: each other would wait
+    for the same unreachable owner; or the owner's error) stops the rest,
+    and is raised with ``failed`` listing every remote element not done."""
 
     def __init__(self, status: Any) -> None:
         if isinstance(status, array):
@@ -176,18 +176,27 @@ class _Remote:
         else:
             self.idx = _np().nonzero(status == _EREMOTE)[0].tolist()
 
-    def run(self, fn: Any, results: Any) -> None:
+    def run(self, fn: Any) -> None:
         for j, i in enumerate(self.idx):
             try:
                 fn(i)
-            except RemoteUnavailable as e:
-                e.failed = self.idx[j:]  # type: ignore[attr-defined]
-                e.results = results  # type: ignore[attr-defined]
-                raise
-            except ShmgridError as e:  # the owner refused it (too large, not an int...)
+            except ShmgridError as e:  # unreachable, or the owner refused it (too large, not an int...)
                 e.failed = self.idx[j:]  # type: ignore[attr-defined]  # it, and the remote ones after it: not done
-                e.results = results  # type: ignore[attr-defined]
                 raise
+
+
+def _finish(status: Any, remote: Callable[[int], None], result: Callable[[], Any], what: str) -> Any:
+    """The end of a write batch: its remote elements through the bridge,
+    then an error for the failed elements, if any, else the results."""
+    try:
+        _Remote(status).run(remote)
+    except ShmgridError as e:
+        e.results = result()  # type: ignore[attr-defined]
+        raise
+    bad = _failures(status)
+    if bad:
+        raise _element_error(status, bad, result(), what)
+    return result()
 
 
 def _failures(status: Any, absent_ok: bool = False) -> List[int]:
@@ -292,15 +301,7 @@ def put_many(m: Any, keys: Any, values: Any) -> Any:
     def result() -> Any:
         return versions.reshape(shape) if typed else list(versions)
 
-    try:
-        _Remote(status).run(remote, None)
-    except RemoteUnavailable as e:
-        e.results = result()  # type: ignore[attr-defined]
-        raise
-    bad = _failures(status)
-    if bad:
-        raise _element_error(status, bad, result(), "put_many")
-    return result()
+    return _finish(status, remote, result, "put_many")
 
 
 def delete_many(m: Any, keys: Any) -> Any:
@@ -323,16 +324,7 @@ def delete_many(m: Any, keys: Any) -> Any:
             return r.reshape(shape)
         return [remote_ok.get(i, s == 0) for i, s in enumerate(status)]
 
-    rem = _Remote(status)
-    try:
-        rem.run(remote, None)
-    except RemoteUnavailable as e:
-        e.results = result()  # type: ignore[attr-defined]
-        raise
-    bad = _failures(status)
-    if bad:
-        raise _element_error(status, bad, result(), "delete_many")
-    return result()
+    return _finish(status, remote, result, "delete_many")
 
 
 def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
@@ -377,12 +369,4 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
     def result() -> Any:
         return results.reshape(shape) if typed else list(results)
 
-    try:
-        _Remote(status).run(remote, None)
-    except RemoteUnavailable as e:
-        e.results = result()  # type: ignore[attr-defined]
-        raise
-    bad = _failures(status)
-    if bad:
-        raise _element_error(status, bad, result(), "incr_many")
-    return result()
+    return _finish(status, remote, result, "incr_many")

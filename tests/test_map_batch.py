@@ -389,6 +389,19 @@ def test_remote_elements_go_through_the_bridge_path(grid, monkeypatch, typed):
     found = m.delete_many(keys)
     assert calls == [("delete", enc[i], None, {}) for i in remote] and all(found)
 
+    def refusing_remote(self, op, key, value=None, expected=None, **args):  # the owner's error on the 2nd
+        calls.append(op)
+        if len(calls) == 2:
+            raise shmgrid.NotAnInteger("the owner's value is not an int64")
+        return {"ok": True, "version": 1, "result": 1}
+
+    monkeypatch.setattr(shmgrid.Map, "_remote", refusing_remote)
+    calls.clear()
+    with pytest.raises(shmgrid.NotAnInteger) as e:
+        m.incr_many(keys, 1)
+    assert e.value.failed == remote[1:] and len(calls) == 2  # it and the remote ones after it: not done
+    assert len(e.value.results) == 30  # the results of what was done
+
 
 # ---- many processes ---------------------------------------------------------------------------
 
