@@ -36,6 +36,17 @@ from .grid import Grid
 _FLUSH = 512  # ops between a worker's progress reports
 
 
+def _reap(procs: List[Any]) -> List[int]:
+    """Join a stage's processes (10 s each at most); kill and name the stuck."""
+    for p in procs:
+        p.join(timeout=10)
+    stuck = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return stuck
+
+
 def _worker(grid_name: str, wid: int, keys: int, stop: Any, errors: Any) -> None:
     grid = Grid.attach(grid_name)
     data = grid.map("data")
@@ -143,12 +154,7 @@ def _pipeline(name: str, grid: Grid, workers: int, jobs_total: int) -> bool:
             last = now
     elapsed = time.monotonic() - t0
     control.publish(b"stop")
-    for p in ps + ws:
-        p.join(timeout=10)
-    stuck = [p.pid for p in ps + ws if p.is_alive()]
-    for p in ps + ws:
-        if p.is_alive():
-            p.kill()
+    stuck = _reap(ps + ws)
     once = seen.count(1)
     ok = once == jobs_total and wrong == 0 and processed.get() == jobs_total and not stuck
     print(f"done: {got:,} results in {elapsed:.2f} s ({got / elapsed:,.0f} jobs/s through two rings)")
@@ -231,12 +237,7 @@ def _array_stage(name: str, grid: Grid, readers: int, seconds: float) -> bool:
               f"live frame[0, 0] = {frame[0, 0]}", flush=True)
         last_v, last_s, last_t = v, s, now
     stop.set()
-    for p in procs:
-        p.join(timeout=10)
-    stuck = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    stuck = _reap(procs)
     snap, v = frame.snapshot()
     st = frame.stats()
     exact = snap[0, 0] == v and (snap.ravel() - snap.ravel()[0] == numpy.arange(snap.size)).all()
@@ -285,12 +286,7 @@ def run_demo(workers: int = 4, duration: float = 10.0, keys: int = 2000, jobs: i
                   f"ops so far {total:,}", flush=True)
             last_ops, last_t = total, now
         stop.set()
-        for p in procs:
-            p.join(timeout=10)
-        stuck = [p.pid for p in procs if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+        stuck = _reap(procs)
         elapsed = time.monotonic() - t0
 
         total_ops = sum(_read_int(stats, b"ops:%d" % w) for w in range(workers))
