@@ -45,15 +45,7 @@
 
 /* ---- tables ------------------------------------------------------------- */
 
-typedef struct sg__tab {
-    uint64_t off;
-    sg_table_hdr *h;
-    sg_slot *slots;
-    uint64_t mask;
-    uint64_t chunk;   /* slots per copy chunk */
-    uint64_t nchunks;
-    uint64_t *bitmap; /* one bit per chunk: every slot in it is final */
-} sg__tab;
+/* sg__tab, a table's derived fields: see sg_internal.h */
 
 static uint64_t sg__chunk(uint64_t nslots) { return nslots < SG_COPY_CHUNK ? nslots : SG_COPY_CHUNK; }
 static uint64_t sg__slot_limit(uint64_t nslots) { return nslots - nslots / 4; }
@@ -1116,14 +1108,21 @@ int sg_map_incr(sg_map *m, const char *key, size_t klen, int64_t delta, int64_t 
     return rc;
 }
 
-int64_t sg__get_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
-                        uint64_t *version)
+int64_t sg__get_entered(sg_map *m, sg__tab *head, const char *key, size_t klen, uint64_t hash, char *out,
+                        size_t cap, uint64_t *version)
 {
-    sg__tab t;
+    sg__tab own, *t = head ? head : &own;
     sg__cur c;
-    int rc = sg__head(m, &t);
+    /* SYNC POINT: epoch (load), as in sg__head. The head is loaded for every
+     * key, so each starts where the single call would; a cached table is
+     * only spared sg__tab_at's checks: seen as head after this process
+     * entered, it can be neither freed nor changed before sg__exit. */
+    uint64_t off = sg_load_seq_cst(&m->hdr->table);
+    int rc = head && off == head->off ? SG_OK : sg__tab_at(m, off, t);
+    if (rc && head)
+        head->off = 0; /* nothing cached */
     if (!rc)
-        rc = sg__lookup(m, &t, key, klen, hash, out, cap, &c);
+        rc = sg__lookup(m, t, key, klen, hash, out, cap, &c);
     if (rc)
         return rc;
     if (version)
@@ -1140,7 +1139,7 @@ int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t ca
     rc = sg__enter(m);
     if (rc)
         return rc;
-    int64_t n = sg__get_entered(m, key, klen, hash, out, cap, version);
+    int64_t n = sg__get_entered(m, NULL, key, klen, hash, out, cap, version);
     sg__exit(m);
     return n;
 }
