@@ -193,6 +193,7 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
         if (rc)
             return rc;
         sg__pipe_start(&pipe, m, &b->keys, kp);
+        sg__tab head = {0}; /* the head table, checked once for this sg__enter (gets) */
         /* SYNC POINT: mirror-desc (acquire, in sg__mirror): once per chunk */
         const sg_mirror_desc *mirror = b->op == BOP_GET ? NULL : sg__mirror(m);
         size_t end = n - i > SG_BATCH_CHUNK ? i + SG_BATCH_CHUNK : n;
@@ -214,7 +215,7 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
                 case BOP_GET:
                     if (b->vwidth) {
                         char *dst = b->out + i * b->vwidth;
-                        st = sg__get_entered(m, key, klen, hash, dst, b->vwidth, &version);
+                        st = sg__get_entered(m, &head, key, klen, hash, dst, b->vwidth, &version);
                         if (st >= 0 && st != b->vwidth) { /* not the map's type: written past it */
                             memset(dst, 0, b->vwidth);
                             st = sg__fail(SG_EVALSIZE, "get_many: element %zu holds a value of %lld bytes, not %u",
@@ -222,7 +223,7 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
                         }
                     } else {
                         size_t room = b->cap - outoff;
-                        st = sg__get_entered(m, key, klen, hash, b->out + outoff, room, &version);
+                        st = sg__get_entered(m, &head, key, klen, hash, b->out + outoff, room, &version);
                         if (st > (int64_t)room) { /* did not fit: the caller comes back for it */
                             kp = at;
                             sg__exit(m);

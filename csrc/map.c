@@ -45,15 +45,7 @@
 
 /* ---- tables ------------------------------------------------------------- */
 
-typedef struct sg__tab {
-    uint64_t off;
-    sg_table_hdr *h;
-    sg_slot *slots;
-    uint64_t mask;
-    uint64_t chunk;   /* slots per copy chunk */
-    uint64_t nchunks;
-    uint64_t *bitmap; /* one bit per chunk: every slot in it is final */
-} sg__tab;
+/* sg__tab, a table's derived fields: see sg_internal.h */
 
 static uint64_t sg__chunk(uint64_t nslots) { return nslots < SG_COPY_CHUNK ? nslots : SG_COPY_CHUNK; }
 static uint64_t sg__slot_limit(uint64_t nslots) { return nslots - nslots / 4; }
@@ -116,6 +108,24 @@ static inline int sg__fits(uint64_t meta, uint64_t n)
     return SG_META_CLASS(meta) < SG_NCLASSES && n <= sg__class_size(SG_META_CLASS(meta)) - SG_BLOCK_HDR;
 }
 
+/* memcmp(a, b, n) == 0, without a call into libc for the short keys of most
+ * maps (a typed map's 8-byte key is one word): the libc call was a tenth of
+ * a batch get. Plain reads, as memcmp's: only for key blocks, immutable. */
+static inline int sg__key_bytes_eq(const unsigned char *a, const char *b, size_t n)
+{
+    if (n > 32)
+        return memcmp(a, b, n) == 0;
+    uint64_t x, y, d = 0;
+    for (; n >= 8; a += 8, b += 8, n -= 8) {
+        memcpy(&x, a, 8);
+        memcpy(&y, b, 8);
+        d |= x ^ y;
+    }
+    for (; n; a++, b++, n--)
+        d |= (uint64_t)(*a ^ (unsigned char)*b);
+    return d == 0;
+}
+
 /* Does bound head `h` name the key (key, klen, hash)? Key blocks are
  * immutable once their head is published, and live at least as long as a
  * table whose slot names them, so plain reads are fine here: the acquire
@@ -130,7 +140,7 @@ static int sg__key_is(sg_map *m, uint64_t h, const char *key, size_t klen, uint6
         return 0;
     }
     return kb->word == hash && SG_META_LEN(kb->meta) == klen && sg__fits(kb->meta, klen) &&
-           memcmp(kb->payload, key, klen) == 0;
+           sg__key_bytes_eq((const unsigned char *)kb->payload, key, klen);
 }
 
 static int sg__check_key(sg_map *m, size_t klen)
@@ -227,18 +237,23 @@ static int sg__read(sg_map *m, sg_slot *s, sg__cur *c, char *out, size_t cap, co
     }
 }
 
-/* Read a key from table t on, following migrations: SG_OK with *c (c->ref
- * 0 if the key is in no table), or an error. */
-static int sg__lookup(sg_map *m, sg__tab t, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
-                      sg__cur *c)
+/* Read a key from table *t0 on, following migrations: SG_OK with *c (c->ref
+ * 0 if the key is in no table), or an error. The table comes by pointer and
+ * is copied only when a migration is followed: a copy of the struct per call
+ * (just written by sg__tab_at, read back wider) stalled every get on store
+ * forwarding, about a tenth of a batch get. */
+static int sg__lookup(sg_map *m, const sg__tab *t0, const char *key, size_t klen, uint64_t hash, char *out,
+                      size_t cap, sg__cur *c)
 {
+    const sg__tab *tp = t0;
+    sg__tab t; /* the table followed to, once there is one */
     for (;;) {
         uint64_t idx;
-        int pr = sg__probe(m, &t, key, klen, hash, &idx);
+        int pr = sg__probe(m, tp, key, klen, hash, &idx);
         if (pr < 0)
             return pr;
         if (pr == SG_P_FOUND) {
-            int rc = sg__read(m, &t.slots[idx], c, out, cap, NULL, 0);
+            int rc = sg__read(m, &tp->slots[idx], c, out, cap, NULL, 0);
             if (rc || !(c->ref & SG_REF_DONE))
                 return rc;
         } else if (pr != SG_P_MOVED) {
@@ -247,10 +262,11 @@ static int sg__lookup(sg_map *m, sg__tab t, const char *key, size_t klen, uint64
         }
         /* MOVED or DONE: the key's authority is the next table */
         sg__tab n;
-        int rc = sg__next(m, &t, &n);
+        int rc = sg__next(m, tp, &n);
         if (rc)
             return rc == SG_NO ? sg__fail(SG_ECORRUPT, "map slot sealed by a migration with no next table") : rc;
         t = n;
+        tp = &t;
     }
 }
 
@@ -1092,12 +1108,19 @@ int sg_map_incr(sg_map *m, const char *key, size_t klen, int64_t delta, int64_t 
     return rc;
 }
 
-int64_t sg__get_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
-                        uint64_t *version)
+int64_t sg__get_entered(sg_map *m, sg__tab *head, const char *key, size_t klen, uint64_t hash, char *out,
+                        size_t cap, uint64_t *version)
 {
-    sg__tab t;
+    sg__tab own, *t = head ? head : &own;
     sg__cur c;
-    int rc = sg__head(m, &t);
+    /* SYNC POINT: epoch (load), as in sg__head. The head is loaded for every
+     * key, so each starts where the single call would; a cached table is
+     * only spared sg__tab_at's checks: seen as head after this process
+     * entered, it can be neither freed nor changed before sg__exit. */
+    uint64_t off = sg_load_seq_cst(&m->hdr->table);
+    int rc = head && off == head->off ? SG_OK : sg__tab_at(m, off, t);
+    if (rc && head)
+        head->off = 0; /* nothing cached */
     if (!rc)
         rc = sg__lookup(m, t, key, klen, hash, out, cap, &c);
     if (rc)
@@ -1116,7 +1139,7 @@ int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t ca
     rc = sg__enter(m);
     if (rc)
         return rc;
-    int64_t n = sg__get_entered(m, key, klen, hash, out, cap, version);
+    int64_t n = sg__get_entered(m, NULL, key, klen, hash, out, cap, version);
     sg__exit(m);
     return n;
 }
@@ -1321,7 +1344,7 @@ static int sg__iter_step(sg_iter *it, char *kout, size_t kcap, size_t *klen, cha
             sg__tab n;
             rc = sg__next(m, &t, &n);
             if (!rc)
-                rc = sg__lookup(m, n, (const char *)kb->payload, SG_META_LEN(kb->meta), kb->word, vout, vcap, &c);
+                rc = sg__lookup(m, &n, (const char *)kb->payload, SG_META_LEN(kb->meta), kb->word, vout, vcap, &c);
         }
         if (rc)
             return rc;

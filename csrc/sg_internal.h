@@ -46,11 +46,25 @@ const sg_mirror_desc *sg__mirror(sg_map *m);
 /* The slots of the map's oldest table in use (NULL if damaged), for
  * prefetching only: the steps below find keys by the full protocol. */
 void sg__map_slots(sg_map *m, const sg_slot **slots, uint64_t *mask);
+/* A map table, located and checked (sg__tab_at in map.c): the table block
+ * at `off` and what its immutable header gives. */
+typedef struct sg__tab {
+    uint64_t off;
+    sg_table_hdr *h;
+    sg_slot *slots;
+    uint64_t mask;
+    uint64_t chunk;   /* slots per copy chunk */
+    uint64_t nchunks;
+    uint64_t *bitmap; /* one bit per chunk: every slot in it is final */
+} sg__tab;
 /* Single-key steps, called inside sg__enter with the lengths and the key's
  * partition checked and its hash given; same results as sg_map_get,
- * sg_map_put, sg_map_delete (no copy of the old value), sg_map_incr. */
-int64_t sg__get_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, char *out, size_t cap,
-                        uint64_t *version);
+ * sg_map_put, sg_map_delete (no copy of the old value), sg_map_incr.
+ * sg__get_entered's head (may be NULL) caches the head table for a caller
+ * that gets many keys within one sg__enter: zeroed after each sg__enter,
+ * never kept past sg__exit. */
+int64_t sg__get_entered(sg_map *m, sg__tab *head, const char *key, size_t klen, uint64_t hash, char *out,
+                        size_t cap, uint64_t *version);
 int sg__put_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, const char *val, size_t vlen,
                     uint64_t *version);
 int sg__delete_entered(sg_map *m, const char *key, size_t klen, uint64_t hash, uint64_t *version);
