@@ -88,7 +88,9 @@ class _hybrid:
     (``Grid.unlink("name")``) and bound when called on an instance
     (``grid.unlink()``)."""
 
-    def __init__(self, static: Callable[..., Any], bound: Callable[..., Any]) -> None:
+    def __init__(self, static: Any, bound: Callable[..., Any]) -> None:
+        if isinstance(static, staticmethod):  # not callable itself before Python 3.10
+            static = static.__func__
         self._static, self._bound = static, bound
         self.__doc__ = static.__doc__
 
