@@ -1627,7 +1627,12 @@ int sg_map_open_typed(sg_grid *g, const char *name, uint64_t capacity, uint32_t 
         return sg__fail(SG_EINVAL, "max_key %u is over the limit of %u bytes", max_key, SG_MAX_KEY_LIMIT);
     if (max_value > SG_MAX_VALUE_LIMIT)
         return sg__fail(SG_EINVAL, "max_value %u is over the limit of %u bytes", max_value, SG_MAX_VALUE_LIMIT);
+    /* Not given: the default, or max_capacity if that is lower (so that a
+     * map reopened with only its own max_capacity is not refused against
+     * a default it was never created with). */
     uint64_t cap = capacity ? capacity : SG_DEFAULT_CAPACITY;
+    if (!capacity && max_capacity && max_capacity < cap)
+        cap = max_capacity;
     if (max_capacity && max_capacity < cap)
         return sg__fail(SG_EINVAL, "max_capacity %llu is below capacity %llu", (unsigned long long)max_capacity,
                         (unsigned long long)cap);

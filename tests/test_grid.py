@@ -222,6 +222,17 @@ def test_map_full_at_max_capacity(grid):
     assert m.validate()["live"] == stored
 
 
+def test_max_capacity_alone_on_open_and_on_create(grid):
+    """Reopening a map with just its own max_capacity is not refused against
+    the default capacity it was never created with; creating with just a
+    max_capacity below the default sizes the first table for it."""
+    grid.map("m", capacity=1000, max_capacity=5000)
+    assert grid.map("m", max_capacity=5000).capacity == 1000
+    with pytest.raises(shmgrid.ObjectMismatch):
+        grid.map("m", max_capacity=6000)
+    assert grid.map("small", max_capacity=500).capacity == 500
+
+
 def test_map_full_when_heap_is(grid_name):
     with Grid.create(grid_name, size="1MiB") as g:
         m = g.map("m", capacity=64, max_key=16, max_value=64)
