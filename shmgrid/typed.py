@@ -23,7 +23,7 @@ import struct
 from typing import Any, Iterator, Optional, Tuple
 
 from ._core import ffi, lib
-from .errors import CorruptSegment, InvalidArgument, NotAnInteger, raise_for
+from .errors import CorruptSegment, InvalidArgument, NotAnInteger, ValueTooLarge, raise_for
 from .batch import _exact
 from .map import Map
 
@@ -35,7 +35,7 @@ _MISSING: Any = object()
 def _np() -> Any:
     try:
         import numpy
-    except ImportError:  # pragma: no cover - numpy is optional
+    except ImportError:  # pragma: no cover - numpy is a dependency; a broken install
         raise ImportError("typed maps (key_dtype / value_dtype) need numpy: pip install numpy") from None
     return numpy
 
@@ -138,6 +138,8 @@ class TypedMap(Map):
         return a.tobytes()
 
     def _out(self, raw: bytes) -> Any:
+        if len(raw) != self._vdt.itemsize:  # stored past the type through the C API or a raw() handle
+            raise ValueTooLarge(f"the value is {len(raw)} bytes, not one {self._vdt} ({self._vdt.itemsize} bytes)")
         unpack = _codec(self._vdt)[1]
         if unpack is not None:
             return self._vdt.type(unpack(raw)[0])

@@ -307,6 +307,9 @@ def test_a_value_of_another_width_in_a_typed_map(grid):
     with pytest.raises(shmgrid.ValueTooLarge, match="element 1 holds a value of 3 bytes, not 8") as e:
         m.get_many(np.arange(3))
     assert e.value.failed == [1] and e.value.results.tolist() == [10, 0, 12]
+    with pytest.raises(shmgrid.ValueTooLarge, match="3 bytes"):  # the single call says the same
+        m[1]
+    assert m[2] == 12
 
 
 def test_typed_values_broadcast_and_shapes(grid):
