@@ -17,7 +17,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r = sub.add_parser("run", help="run this host's bridge until SIGTERM/SIGINT")
     r.add_argument("--config", required=True)
     r.add_argument("--log-level", default="INFO")
-    s = sub.add_parser("status", help="per peer: connected; counters (needs `metrics` in the config)")
+    s = sub.add_parser("status", help="per partition: owner, connected, lag (needs `metrics` in the config)")
     s.add_argument("--config", required=True)
     c = sub.add_parser("check", help="check a configuration and print what it means")
     c.add_argument("--config", required=True)

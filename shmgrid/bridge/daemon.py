@@ -415,6 +415,7 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except (ProtocolError, InvalidArgument) as e:
+                self.metrics.add("rejected_connections_total")  # as the accepting side counts them
                 self._throttle.warning(f"owner-{owner}", "owner %s: %s", owner, e)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 log.info("owner %s unreachable or gone: %s", owner, type(e).__name__)
