@@ -29,7 +29,7 @@ raise Closed) but unmaps only once the last view is gone, so a view never
 points into unmapped memory. Pickling a SharedArray (as multiprocessing
 does) sends a plain copy; other processes should open the array by name.
 
-numpy is needed for this module only (``pip install shmgrid[array]``).
+numpy is installed with shmgrid (a dependency).
 """
 from __future__ import annotations
 

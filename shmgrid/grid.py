@@ -339,8 +339,7 @@ class Grid:
         existing array they must match exactly (ObjectMismatch), and both
         may be left out to open it as it is. ``publish(new)`` /
         ``snapshot()`` replace and read whole versions atomically; writes
-        through the array itself are not atomic (see shmgrid.array).
-        Needs numpy."""
+        through the array itself are not atomic (see shmgrid.array)."""
         from .array import open_array
 
         return open_array(self, name, shape, dtype)
