@@ -15,7 +15,7 @@ usefully across fork) and is used by one thread at a time.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from . import _async
 from ._core import ffi, lib
@@ -168,7 +168,7 @@ class Subscription(OneThread):
         were overwritten before this subscriber read them (``.lost`` counts
         positions, including any whose publisher died mid-publish); the next
         call returns the oldest message still retained."""
-        return self._view[0:self._get_to(self._buf, self._cap, timeout)]  # type: ignore[no-any-return]
+        return self._get_to(self._buf, self._cap, timeout, lambda n: self._view[0:n])  # type: ignore[no-any-return]
 
     def get_into(self, buf: Any, timeout: Optional[float] = None) -> int:
         """The next message copied straight from the topic's cell into
@@ -178,7 +178,7 @@ class Subscription(OneThread):
         the message stays next). Waits, times out and raises Lapped as
         ``get`` does."""
         p = _writable(buf)
-        return self._get_to(p, len(p), timeout)
+        return self._get_to(p, len(p), timeout)  # type: ignore[no-any-return]
 
     def get_view(self, timeout: Optional[float] = None) -> memoryview:
         """The next message as a read-only memoryview of this
@@ -186,12 +186,15 @@ class Subscription(OneThread):
         readable for good, but the next ``get``/``get_view`` on this
         subscription overwrites its bytes: copy what must outlive that. It
         never points into the shared topic, whose cells publishers reuse."""
-        n = self._get_to(self._buf, self._cap, timeout)
         if self._ro is None:
             self._ro = memoryview(self._view).toreadonly()
-        return self._ro[0:n]
+        return self._get_to(self._buf, self._cap, timeout, lambda n: self._ro[0:n])  # type: ignore[no-any-return, index]
 
-    def _get_to(self, buf: Any, cap: int, timeout: Optional[float]) -> int:
+    def _get_to(self, buf: Any, cap: int, timeout: Optional[float],
+                take: Optional[Callable[[int], Any]] = None) -> Any:
+        """The next message read into buf: its length, or ``take(length)``,
+        taken still inside the one-thread guard (once it is left, another
+        thread's read may overwrite the buffer)."""
         h = self._enter()
         try:
             lost = self._lost
@@ -202,7 +205,8 @@ class Subscription(OneThread):
                     raise Lapped(lost[0])
                 return n  # type: ignore[no-any-return]
 
-            return self._wait(call, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))  # type: ignore[no-any-return]
+            n = self._wait(call, timeout, lambda: Empty(f"no message on topic {self._topic.name!r}"))
+            return n if take is None else take(n)
         finally:
             self._leave()
 
@@ -217,17 +221,17 @@ class Subscription(OneThread):
 
         def attempt() -> Any:
             h = self._enter()
-            try:
+            try:  # the message is copied out before another thread may read into buf
                 n = _sub_get(h, buf, cap, 0, lost)
+                if n >= 0:
+                    return view[0:n]
+                if n == _EAGAIN:
+                    return _async.AGAIN
+                if n == _ELAPPED:
+                    raise Lapped(lost[0])
+                raise_for(n)
             finally:
                 self._leave()
-            if n >= 0:
-                return view[0:n]
-            if n == _EAGAIN:
-                return _async.AGAIN
-            if n == _ELAPPED:
-                raise Lapped(lost[0])
-            raise_for(n)
 
         return await _async.wait_until(attempt, self._event(), self._topic._grid._handle, timeout,  # type: ignore[no-any-return]
                                        lambda: Empty(f"no message on topic {self._topic.name!r}"), owner=self)

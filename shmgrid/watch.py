@@ -76,12 +76,18 @@ class Watch(OneThread):
         try:
             kbuf, kcap, ev = self._kbuf, len(self._kbuf), self._ev
             self._wait(lambda ns: _next(h, kbuf, kcap, ev, ns), timeout, lambda: Empty("no change"))
-            kind = _KINDS[ev.kind]
-            if kind == "lost":
-                return ChangeEvent("lost", None, 0, ev.lost)
-            return ChangeEvent(kind, self._kview[0:ev.klen], ev.version)
+            return self._event_read()
         finally:
             self._leave()
+
+    def _event_read(self) -> ChangeEvent:
+        """The event just read, made while still inside the one-thread
+        guard: once it is left, another thread's read overwrites it."""
+        ev = self._ev
+        kind = _KINDS[ev.kind]
+        if kind == "lost":
+            return ChangeEvent("lost", None, 0, ev.lost)
+        return ChangeEvent(kind, self._kview[0:ev.klen], ev.version)
 
     def get_nowait(self) -> ChangeEvent:
         return self.get(0)
@@ -90,22 +96,19 @@ class Watch(OneThread):
         """``get`` for a coroutine: awaits the next change without blocking
         the event loop (see README, "asyncio"). ``close()`` ends the await
         with Closed; a cancelled ``get_async`` has read nothing."""
-        kbuf, kcap, ev, kview = self._kbuf, len(self._kbuf), self._ev, self._kview
+        kbuf, kcap, ev = self._kbuf, len(self._kbuf), self._ev
 
         def attempt() -> Any:
             h = self._enter()
             try:
                 rc = _next(h, kbuf, kcap, ev, 0)
+                if rc == _EAGAIN:
+                    return _async.AGAIN
+                if rc < 0:
+                    raise_for(rc)
+                return self._event_read()
             finally:
                 self._leave()
-            if rc == _EAGAIN:
-                return _async.AGAIN
-            if rc < 0:
-                raise_for(rc)
-            kind = _KINDS[ev.kind]
-            if kind == "lost":
-                return ChangeEvent("lost", None, 0, ev.lost)
-            return ChangeEvent(kind, kview[0:ev.klen], ev.version)
 
         return await _async.wait_until(attempt, self._event(), self._map._grid._handle, timeout,  # type: ignore[no-any-return]
                                        lambda: Empty("no change"), owner=self)
