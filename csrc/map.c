@@ -1288,6 +1288,9 @@ int64_t sg_iter_records(sg_iter *it, char *out, size_t cap, uint32_t nparts, con
 {
     sg_map *m = it->m;
     size_t off = 0, worst = SG_RECORD_HDR + m->max_key + m->max_value;
+    /* 0 means the walk is over: a buffer too small for one record must not say so */
+    if (cap < worst)
+        return sg__fail(SG_EINVAL, "records buffer of %zu bytes is below one record of %zu", cap, worst);
     while (cap - off >= worst) {
         char *rec = out + off;
         size_t klen, vlen;

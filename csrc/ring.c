@@ -408,7 +408,7 @@ sg_ring_io *sg_ring_io_new(sg_ring *r, size_t max_items)
         return NULL;
     io->ring = r;
     io->max_items = max_items;
-    io->buf = malloc(max_items * (r->slot_size ? r->slot_size : 1));
+    io->buf = malloc(max_items * r->slot_size);
     io->lens = malloc(max_items * sizeof *io->lens);
     if (!io->buf || !io->lens) {
         sg_ring_io_free(io);

@@ -250,9 +250,7 @@ struct sg_futex_waitv {
 
 static inline int sg_futex_waitv(uint32_t *const *words, const uint32_t *vals, uint32_t n, uint64_t deadline_ns)
 {
-    struct sg_futex_waitv v[SG_FUTEX_WAITV_MAX];
-    if (n == 0 || n > SG_FUTEX_WAITV_MAX)
-        return EINVAL;
+    struct sg_futex_waitv v[SG_FUTEX_WAITV_MAX]; /* n is 1..SG_FUTEX_WAITV_MAX: sg_event_waitv checks */
     for (uint32_t i = 0; i < n; i++) {
         v[i].val = vals[i];
         v[i].uaddr = (uint64_t)(uintptr_t)words[i];

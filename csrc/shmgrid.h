@@ -170,7 +170,7 @@ int sg_grid_unlink(const char *name);
 /* In a child forked from a process with g open: take the child's own
  * process-table slot and word (the parent's stay the parent's). Call it
  * before the child uses g (the Python layer does, from an at-fork hook);
- * ring, topic and lock calls do it themselves if it was not done. */
+ * ring and topic calls do it themselves if it was not done. */
 int sg_grid_after_fork(sg_grid *g);
 int sg_grid_info_get(sg_grid *g, sg_grid_info *out);
 int sg_grid_object(sg_grid *g, uint32_t index, sg_object_info *out);
@@ -559,7 +559,7 @@ typedef struct sg_array_info {
     uint32_t desc_len;
     uint32_t writer_tid;    /* thread holding the writer lock, 0 if none */
     uint32_t writer_alive;
-    uint32_t waiters;       /* live processes with a thread in sg_array_wait */
+    uint32_t waiters;       /* live processes with a thread asleep on the array (wait, writer lock, locked snapshot) */
 } sg_array_info;
 
 /* Create or open array `name`. With desc (desc_len bytes, at most
