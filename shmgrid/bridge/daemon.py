@@ -35,11 +35,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import mirror
 from .._core import ffi, lib
 from ..errors import InvalidArgument, RemoteUnavailable, ShmgridError
-from ..remote import RETRY_SECONDS, b64, socket_address, unb64
-from ..grid import SHM_DIR, Grid
+from ..remote import RETRY_SECONDS, b64, grid_path, peer_cred, socket_address, unb64
+from ..grid import Grid
 from .config import Config
-from .protocol import (MAX_FRAME, T, Link, ProtocolError, client_handshake, records_payload, server_handshake,
-                       split_records)
+from .protocol import (MAX_FRAME, T, Link, ProtocolError, client_handshake, encode, records_payload,
+                       server_handshake, split_records)
 
 __all__ = ["Bridge", "run"]
 
@@ -74,10 +74,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
 class _Throttle:
     """At most ``burst`` log lines per ``period`` seconds per kind: a flood
     of bad connections must not fill the disk. The next line after a quiet
@@ -104,10 +100,10 @@ class _Throttle:
 class _Pending:
     """A remote write awaiting its owner's answer."""
 
-    __slots__ = ("owner", "req", "reply", "sent", "waiters")
+    __slots__ = ("owner", "frame", "reply", "sent", "waiters")
 
-    def __init__(self, owner: str, req: Dict[str, Any], reply: "asyncio.Future[Dict[str, Any]]") -> None:
-        self.owner, self.req, self.reply = owner, req, reply
+    def __init__(self, owner: str, frame: bytes, reply: "asyncio.Future[Dict[str, Any]]") -> None:
+        self.owner, self.frame, self.reply = owner, frame, reply  # frame: the WRITE payload, id included
         self.sent = False  # went out on a link at least once: the owner may have applied it
         self.waiters = 0  # local callers awaiting it (a caller's retry joins the first attempt)
 
@@ -128,11 +124,11 @@ class Bridge:
         self._sessions: Dict[str, Link] = {}  # mirrors we serve: the latest session of each
         self._throttle = _Throttle()
         self._heard: Dict[str, float] = {}  # owner -> when we last had a frame from it
-        self._applied: Dict[str, asyncio.Event] = {}  # per map: set when a buffer of records was applied
+        self._applied: Dict[str, asyncio.Event] = {}  # per map: set when a buffer of records was applied (run())
         self._unauthenticated = 0  # connections still in the handshake
         # per map: set after a remote write is applied here, so that its
         # record ships without the batching delay (the writer waits for it)
-        self._urgent: Dict[str, threading.Event] = {}
+        self._urgent = {n: threading.Event() for n in cfg.maps}
         # remote writes awaiting their owner, by request id: (owner, request,
         # its reply); sent again on every reconnect until answered
         self._pending: Dict[str, Any] = {}
@@ -179,6 +175,7 @@ class Bridge:
         for n, mc in cfg.maps.items():
             # raw: the bridge moves bytes, whatever dtypes a typed map has
             self.maps[n] = self.grid.map(n, capacity=mc.capacity, max_key=mc.max_key, max_value=mc.max_value).raw()
+        self._applied = {n: asyncio.Event() for n in cfg.maps}  # here: in the loop (Python 3.9 binds one)
         self._state = self.grid.map(STATE_MAP, capacity=1024, max_key=256, max_value=256)
         for n in cfg.maps:  # partitions owned here hold this grid's own data (see _adopt)
             for p in self._masks[cfg.name][n].members:
@@ -331,7 +328,7 @@ class Bridge:
         cursor = stream.cursor()  # the stream re-sends everything from here on
         # the feed identity names this grid's incarnation: a mirror that
         # holds another's data of these partitions forgets it first
-        await self._send(link, T.SNAP_BEGIN, _json({"map": name, "feed": self._feed_id}), peer, name)
+        await self._send(link, T.SNAP_BEGIN, encode({"map": name, "feed": self._feed_id}), peer, name)
         gen = mirror.snapshot(m, mask)
         while True:
             chunk = await loop.run_in_executor(self._pool, next, gen, None)
@@ -340,7 +337,7 @@ class Bridge:
             await self._send(link, T.RECORDS, records_payload(name, chunk, time.time(), cursor), peer, name)
         floor = lib.sg_map_version_floor(m._h)
         end = {"map": name, "floor": floor, "feed": self._feed_id, "cursor": cursor}
-        await self._send(link, T.SNAP_END, _json(end), peer, name)
+        await self._send(link, T.SNAP_END, encode(end), peer, name)
         self.metrics.add("snapshots_sent_total", peer=peer, map=name)
 
     async def _ship(self, peer: str, name: str, link: Link, resume: Optional[Dict[str, Any]]) -> None:
@@ -358,9 +355,9 @@ class Bridge:
             log.info("map %s: %s resumes at feed position %s", name, peer, resume.get("cursor"))
         else:
             await self._snapshot(peer, name, mask, link, stream)
+        urgent = self._urgent[name]
         while True:
             before = stream.cursor()
-            urgent = self._urgent.setdefault(name, threading.Event())
             recs, lost = await loop.run_in_executor(self._pool, stream.next_batch, 0.2, 0.0005, 64 << 10, urgent)
             if recs:
                 # with a loss, the resume point stays where it was: a mirror
@@ -400,7 +397,7 @@ class Bridge:
                 self._owner_links[owner] = link
                 for rid, pw in self._pending.items():
                     if pw.owner == owner:
-                        link.send_json(T.WRITE, {**pw.req, "id": rid})
+                        link.send(T.WRITE, pw.frame)
                         if pw.sent:
                             self.metrics.add("remote_writes_resent_total", peer=owner)
                         pw.sent = True
@@ -447,9 +444,7 @@ class Bridge:
                 if name not in masks:
                     raise ProtocolError(f"records for map {name!r}, which {owner} does not ship to us")
                 n, applied = mirror.apply_records(self.maps[name], recs, masks[name])
-                ev = self._applied.get(name)
-                if ev is not None:
-                    ev.set()  # remote writes waiting to see their version here
+                self._applied[name].set()  # remote writes waiting to see their version here
                 where = self._resume.get(owner, {}).get(name)
                 if where is not None and name not in snap:
                     where["cursor"] = cursor  # all applied: a reconnect may resume here
@@ -528,8 +523,8 @@ class Bridge:
         so the peer's credentials are checked against the grid's mode."""
         sock = writer.get_extra_info("socket")
         try:
-            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            st = os.stat(os.path.join(SHM_DIR, self.cfg.grid))
+            _, uid, gid = peer_cred(sock)
+            st = os.stat(grid_path(self.cfg.grid))
         except OSError:
             return False
         return (uid == 0 or uid == st.st_uid and st.st_mode & 0o200 or gid == st.st_gid and st.st_mode & 0o020
@@ -590,17 +585,17 @@ class Bridge:
         deadline = time.monotonic() + cfg.timeout
         pw = self._pending.get(rid)
         if pw is None:  # (else: the caller's retry of a request still under way)
-            pw = self._pending[rid] = _Pending(owner, req, asyncio.get_running_loop().create_future())
-            pw.sent = retried
+            frame = encode({**req, "id": rid})
             # a frame the owner would refuse as oversized would cost the
             # link on every resend
-            if len(_json(req)) > MAX_FRAME - 4096:
-                del self._pending[rid]
+            if len(frame) > MAX_FRAME - 4096:
                 return {"error": "InvalidArgument", "message": "the request is too large for a bridge frame "
                         f"({MAX_FRAME >> 20} MiB, base64 included)"}
+            pw = self._pending[rid] = _Pending(owner, frame, asyncio.get_running_loop().create_future())
+            pw.sent = retried
             link = self._owner_links.get(owner)
             if link is not None:  # else it goes out when the link is up again
-                link.send_json(T.WRITE, {**req, "id": rid})
+                link.send(T.WRITE, frame)
                 pw.sent = True
         pw.waiters += 1
         try:
@@ -621,7 +616,7 @@ class Bridge:
         if want and "error" not in res:  # read-your-writes: wait for our mirror to hold it
             m = self.maps[name]
             ver = ffi.new("uint64_t *")
-            applied = self._applied.setdefault(name, asyncio.Event())
+            applied = self._applied[name]
             while True:
                 lib.sg_map_get(m._h, key, len(key), ffi.NULL, 0, ver)
                 left = deadline + cfg.timeout - time.monotonic()

@@ -54,6 +54,11 @@ class ProtocolError(Exception):
     """A frame that breaks the protocol: the connection is closed."""
 
 
+def encode(obj: Any) -> bytes:
+    """A JSON payload, compact."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return _HDR.pack(len(payload) + 1, kind) + payload
 
@@ -125,7 +130,7 @@ class Link:
         return len(data)
 
     def send_json(self, kind: int, obj: Any) -> int:
-        return self.send(kind, json.dumps(obj, separators=(",", ":")).encode())
+        return self.send(kind, encode(obj))
 
     async def recv(self, limit: int = MAX_FRAME) -> Tuple[int, bytes]:
         """The next frame, its tag checked; ProtocolError if it is out of
