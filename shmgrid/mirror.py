@@ -14,15 +14,17 @@ import time
 from typing import Any, Iterable, Iterator, Optional, Tuple
 
 from ._core import ffi, lib
-from ._wait import SLICE_NS, start
+from ._wait import start, until
 from .errors import raise_for
 
 __all__ = ["partition_of", "PartitionMask", "snapshot", "ChangeStream", "apply_records", "reset_partitions",
            "SeenKeys", "prune", "BUFFER_BYTES"]
 
 BUFFER_BYTES = 1 << 20  # records per buffer: up to 1 MiB (at least one record of the largest size)
-_EAGAIN = lib.SG_EAGAIN
-_EINTR = lib.SG_EINTR
+
+
+class _Quiet(Exception):
+    """No change within the timeout (ChangeStream.next returns empty)."""
 
 
 def partition_of(key: bytes, partitions: int) -> int:
@@ -112,19 +114,13 @@ class ChangeStream:
         were missed: the caller must resync from a snapshot. Returns
         (b"", 0) on timeout. Blocks in C with the GIL released: call it
         from a thread, not from an event loop."""
-        deadline, ns = (None, SLICE_NS) if timeout is None else start(timeout)
-        while True:
-            n = lib.sg_watch_records(self._h, self._buf, self._cap, self.mask.partitions, self.mask.c,
-                                     self._lost, ns)
-            if n >= 0:
-                return self._view[0:n], self._lost[0]
-            if n != _EAGAIN and n != _EINTR:
-                raise_for(n)
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return b"", 0
-                ns = min(SLICE_NS, int(left * 1e9))
+        h, buf, cap, mask, lost = self._h, self._buf, self._cap, self.mask, self._lost
+        try:
+            n = until(lambda ns: lib.sg_watch_records(h, buf, cap, mask.partitions, mask.c, lost, ns),
+                      start(timeout)[0], _Quiet)
+        except _Quiet:
+            return b"", 0
+        return self._view[0:n], lost[0]
 
     def next_batch(self, timeout: Optional[float] = None, linger: float = 0.0005, small: int = 64 << 10,
                    urgent: Optional[threading.Event] = None) -> Tuple[bytes, int]:
@@ -142,11 +138,6 @@ class ChangeStream:
             more, lost2 = self.next(0)
             recs, lost = recs + more, lost + lost2
         return recs, lost
-
-    def close(self) -> None:
-        if self._h is not None:
-            h, self._h = self._h, None
-            ffi.release(h)
 
 
 def apply_records(m: Any, records: bytes, mask: Optional[PartitionMask] = None) -> Tuple[int, int]:
