@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from . import errors
 from .errors import RemoteUnavailable
@@ -29,6 +29,18 @@ _HDR = struct.Struct("<I")
 _MAX = 64 << 20
 CLIENT_TIMEOUT = 60.0  # a safety net: the bridge answers RemoteUnavailable after its own timeout
 RETRY_SECONDS = 10.0  # how long a request whose connection broke is sent again (a bridge restart)
+
+
+def peer_cred(sock: socket.socket) -> Tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))  # type: ignore[return-value]
+
+
+def grid_path(grid: str) -> str:
+    """The file of grid ``grid`` (where its owner and mode are)."""
+    from .grid import SHM_DIR  # here: grid imports map, which imports this module
+
+    return os.path.join(SHM_DIR, grid)
 
 
 def socket_address(grid: str) -> str:
@@ -72,9 +84,9 @@ def _connect(grid: str) -> socket.socket:
                                 "the key's partition is owned by another host") from None
     # the abstract namespace has no permissions: anyone may bind the name
     # first. Talk only to a bridge run by root or by the grid's owner.
-    pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, _ = peer_cred(s)
     try:
-        owner = os.stat(os.path.join("/dev/shm", grid)).st_uid
+        owner = os.stat(grid_path(grid)).st_uid
     except OSError:
         owner = os.geteuid()
     if uid not in (0, owner, os.geteuid()):
