@@ -29,10 +29,6 @@ def state(m, mask):
     return {k: m.get_versioned(k) for k in m.keys() if mirror.partition_of(k, mask.partitions) in mask}
 
 
-def tombstones(m, keys):
-    return {k: m.get_versioned(k) for k in keys}
-
-
 def sync(owner, mirror_map, mask):
     n = 0
     for chunk in mirror.snapshot(owner, mask):
