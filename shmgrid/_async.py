@@ -56,6 +56,22 @@ from ._core import ffi, lib
 from .errors import Closed, raise_for
 
 AGAIN: Any = object()  # what an attempt returns when it could not proceed
+_EAGAIN = lib.SG_EAGAIN
+
+
+def nonblocking(call: Callable[[], int], done: Callable[[int], Any] = lambda rc: rc) -> Callable[[], Any]:
+    """An attempt for wait_until out of a non-blocking C call: ``done(rc)``
+    once the call proceeds (rc >= 0), AGAIN if it could not (SG_EAGAIN),
+    the call's error otherwise."""
+    def attempt() -> Any:
+        rc = call()
+        if rc >= 0:
+            return done(rc)
+        if rc == _EAGAIN:
+            return AGAIN
+        raise_for(rc)
+
+    return attempt
 
 SLICE = 0.1
 LOCK_SLICE = 0.01
@@ -124,7 +140,6 @@ class Waiter:
         self.wake = ffi.new("uint32_t *")  # process-private: bumped to make the thread look again
         self.thread: Optional[threading.Thread] = None
         self.waitv = True  # False once the kernel said ENOSYS
-        self.pid = os.getpid()
 
     # ---- the loop side -------------------------------------------------------
 

@@ -52,7 +52,6 @@ __all__ = ["SharedArray"]
 
 MAX_BYTES: int = lib.SG_ARRAY_MAX_BYTES
 _NO = lib.SG_NO
-_EAGAIN = lib.SG_EAGAIN
 
 
 class _Out(threading.local):

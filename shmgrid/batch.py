@@ -23,6 +23,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ._core import ffi, lib
 from .errors import _BY_CODE, InvalidArgument, ShmgridError, raise_for
+from .map import _key, _val
 
 _EREMOTE = lib.SG_EREMOTE
 _ENOKEY = lib.SG_ENOKEY
@@ -36,24 +37,6 @@ def _np() -> Any:
 
 
 # ---- packing ------------------------------------------------------------------
-
-
-def _bytes_key(k: Any) -> bytes:
-    if type(k) is bytes:
-        return k
-    if isinstance(k, str):
-        return k.encode("utf-8")
-    if isinstance(k, (bytearray, memoryview)):
-        return bytes(k)
-    raise TypeError(f"map keys are bytes-like or str, not {type(k).__name__}")
-
-
-def _bytes_val(v: Any) -> bytes:
-    if type(v) is bytes:
-        return v
-    if isinstance(v, (bytearray, memoryview)):
-        return bytes(v)
-    raise TypeError(f"map values are bytes-like, not {type(v).__name__} (encode it first)")
 
 
 class _Packed:
@@ -137,7 +120,7 @@ def _pack_keys(m: Any, keys: Any) -> Tuple[_Packed, Any]:
         return _Packed.of_array(arr), shape
     if isinstance(keys, (str, bytes, bytearray, memoryview)):
         raise TypeError("keys must be a sequence of keys, not one key")
-    return _Packed.of_list([_bytes_key(k) for k in keys]), None
+    return _Packed.of_list([_key(k) for k in keys]), None
 
 
 # ---- per-element errors ---------------------------------------------------------
@@ -211,20 +194,20 @@ def _failures(status: Any, absent_ok: bool = False) -> List[int]:
     return [i for i, s in enumerate(status) if s < 0 and s != _EREMOTE and not (absent_ok and s == _ENOKEY)]
 
 
-def _status(n: int, typed: bool) -> Tuple[Any, Any]:
-    if typed:
-        st = _np().empty(n, dtype="i4")
-        return st, ffi.from_buffer("int32_t[]", st) if n else ffi.NULL
-    st = array("i", bytes(4 * n))
-    return st, ffi.from_buffer("int32_t[]", st) if n else ffi.NULL
+# per-element outputs: (numpy dtype, array module code, C type)
+_I32, _U64 = ("i4", "i", "int32_t[]"), ("u8", "Q", "uint64_t[]")
 
 
-def _u64(n: int, typed: bool) -> Tuple[Any, Any]:
-    if typed:
-        a = _np().zeros(n, dtype="u8")
-        return a, ffi.from_buffer("uint64_t[]", a) if n else ffi.NULL
-    a = array("Q", bytes(8 * n))
-    return a, ffi.from_buffer("uint64_t[]", a) if n else ffi.NULL
+def _out(n: int, typed: bool, kind: Tuple[str, str, str]) -> Tuple[Any, Any]:
+    """n zeroed outputs (a numpy array for a typed map, else an
+    array.array) and the C pointer to them."""
+    dtype, code, ctype = kind
+    a = _np().zeros(n, dtype=dtype) if typed else array(code, bytes(n * _np().dtype(dtype).itemsize))
+    return a, _c(ctype, a, n)
+
+
+def _c(ctype: str, a: Any, n: int) -> Any:
+    return ffi.from_buffer(ctype, a) if n else ffi.NULL
 
 
 # ---- the calls --------------------------------------------------------------------
@@ -234,7 +217,7 @@ def get_many(m: Any, keys: Any, default: Any = None, found: Any = None) -> Any:
     pk, shape = _pack_keys(m, keys)
     n = pk.n
     typed = m._kdt is not None
-    status, cst = _status(n, typed)
+    status, cst = _out(n, typed, _I32)
     if typed:
         np = _np()
         out = np.zeros(n, dtype=m._vdt)  # calloc: missing keys read as zeros unless default says otherwise
@@ -264,12 +247,11 @@ def get_many(m: Any, keys: Any, default: Any = None, found: Any = None) -> Any:
                                   ffi.NULL)
         _check(got)
         koff += sum(lens[done:done + got])
-        raw = view[0:sum(s for s in status[done:done + got] if s > 0)]  # what this call wrote, not all of cap
         off = 0
         for i in range(done, done + got):
             s = status[i]
             if s >= 0:
-                res[i] = raw[off:off + s]
+                res[i] = view[off:off + s]  # one copy per value, out of the buffer
                 off += s
         done += got
     if found is not None:
@@ -287,11 +269,11 @@ def put_many(m: Any, keys: Any, values: Any) -> Any:
     else:
         if isinstance(values, (bytes, bytearray, memoryview, str)):
             raise TypeError("values must be a sequence of values, not one value")
-        pv = _Packed.of_list([_bytes_val(v) for v in values])
+        pv = _Packed.of_list([_val(v) for v in values])
         if pv.n != n:
             raise InvalidArgument(f"{pv.n} values for {n} keys")
-    status, cst = _status(n, typed)
-    versions, cver = _u64(n, typed)
+    status, cst = _out(n, typed, _I32)
+    versions, cver = _out(n, typed, _U64)
     rc = lib.sg_map_put_many(m._h, pk.data, pk.lens, pk.width, pv.data, pv.lens, pv.width, n, cst, cver)
     _check(rc)
 
@@ -308,7 +290,7 @@ def delete_many(m: Any, keys: Any) -> Any:
     pk, shape = _pack_keys(m, keys)
     n = pk.n
     typed = m._kdt is not None
-    status, cst = _status(n, typed)
+    status, cst = _out(n, typed, _I32)
     rc = lib.sg_map_delete_many(m._h, pk.data, pk.lens, pk.width, n, cst, ffi.NULL)
     _check(rc)
     remote_ok = {}
@@ -343,8 +325,6 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
         except ValueError:
             raise InvalidArgument(f"deltas of shape {d.shape} for keys of shape {shape}") from None
         results = np.zeros(n, dtype="i8")
-        cres = ffi.from_buffer("int64_t[]", results) if n else ffi.NULL
-        cdel = ffi.from_buffer("int64_t[]", d) if n else ffi.NULL
     else:
         if isinstance(deltas, int):
             dl = [deltas] * n
@@ -357,10 +337,9 @@ def incr_many(m: Any, keys: Any, deltas: Any = 1) -> Any:
                 raise TypeError(f"deltas must be ints in the int64 range, got {x!r}")
         d = array("q", dl)
         results = array("q", bytes(8 * n))
-        cres = ffi.from_buffer("int64_t[]", results) if n else ffi.NULL
-        cdel = ffi.from_buffer("int64_t[]", d) if n else ffi.NULL
-    status, cst = _status(n, typed)
-    rc = lib.sg_map_incr_many(m._h, pk.data, pk.lens, pk.width, n, cdel, cres, cst, ffi.NULL)
+    status, cst = _out(n, typed, _I32)
+    rc = lib.sg_map_incr_many(m._h, pk.data, pk.lens, pk.width, n, _c("int64_t[]", d, n),
+                              _c("int64_t[]", results, n), cst, ffi.NULL)
     _check(rc)
 
     def remote(i: int) -> None:

@@ -39,6 +39,8 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 def _key(k: Any) -> bytes:
+    if type(k) is bytes:
+        return k
     if isinstance(k, str):
         return k.encode("utf-8")
     if isinstance(k, (bytes, bytearray, memoryview)):

@@ -341,14 +341,7 @@ class Ring:
         ``get_async`` has taken nothing."""
         io, view = self._buf.pair
 
-        def attempt() -> Any:
-            n = _io_get(io, 0)
-            if n >= 0:
-                return view[0:n]
-            if n == _EAGAIN:
-                return _async.AGAIN
-            raise_for(n)
-
+        attempt = _async.nonblocking(lambda: _io_get(io, 0), lambda n: view[0:n])
         return await _async.wait_until(attempt, self._event(0), self._grid._handle, timeout,  # type: ignore[no-any-return]
                                        lambda: Empty(f"ring {self._name!r} is empty"))
 
@@ -358,14 +351,7 @@ class Ring:
         p = data if type(data) is bytes else _payload(data)
         h = self._h
 
-        def attempt() -> Any:
-            rc = _put(h, p, len(p), 0)
-            if rc == 0:
-                return None
-            if rc == _EAGAIN:
-                return _async.AGAIN
-            raise_for(rc)
-
+        attempt = _async.nonblocking(lambda: _put(h, p, len(p), 0), lambda rc: None)
         await _async.wait_until(attempt, self._event(1), self._grid._handle, timeout,
                                 lambda: Full(f"ring {self._name!r} is full"))
 

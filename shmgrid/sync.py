@@ -173,7 +173,7 @@ class Lock:
                 gate.release()
 
     def _key(self) -> int:
-        return _async._addr(_async.check_open(lib.sg_lock_event(self._h), f"lock {self._name!r}"))
+        return _async._addr(self._event())
 
     async def acquire_async(self, timeout: Optional[float] = None, *, raise_if_owner_died: bool = False) -> bool:
         """``acquire`` for a coroutine: awaits the lock without blocking the
@@ -191,14 +191,7 @@ class Lock:
             return False
         h = self._h
 
-        def attempt() -> Any:
-            rc = lib.sg_lock_acquire(h, 0)
-            if rc >= 0:
-                return rc
-            if rc == _EAGAIN:
-                return _async.AGAIN
-            raise_for(rc)
-
+        attempt = _async.nonblocking(lambda: lib.sg_lock_acquire(h, 0))
         try:
             left = None if deadline is None else max(0.0, deadline - loop.time())
             rc = await _async.wait_until(attempt, self._event(), self._grid._handle, left, _TimedOut,

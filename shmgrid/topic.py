@@ -28,7 +28,6 @@ __all__ = ["Topic", "Subscription"]
 
 _publish = lib.sg_topic_publish
 _sub_get = lib.sg_sub_get
-_unpack = ffi.unpack
 _EAGAIN = lib.SG_EAGAIN
 _ELAPPED = lib.SG_ELAPPED
 
@@ -123,14 +122,7 @@ class Topic:
         p = data if type(data) is bytes else _payload(data)
         h = self._h
 
-        def attempt() -> Any:
-            rc = _publish(h, p, len(p), 0)
-            if rc == 0:
-                return None
-            if rc == _EAGAIN:
-                return _async.AGAIN
-            raise_for(rc)
-
+        attempt = _async.nonblocking(lambda: _publish(h, p, len(p), 0), lambda rc: None)
         ev = _async.check_open(lib.sg_topic_event(h), f"topic {self._name!r}")
         await _async.wait_until(attempt, ev, self._grid._handle, timeout,
                                 lambda: Full(f"topic {self._name!r} is full: a subscriber is a whole capacity behind"))

@@ -112,6 +112,22 @@ def _codec(dt: Any) -> Tuple[Any, Any]:
     return s.pack, s.unpack
 
 
+def _scalar(x: Any, dt: Any, what: str) -> bytes:
+    """One key or value as the bytes of one ``dt``: a plain Python number
+    by struct when that is exact, else converted as the batch calls convert
+    (2**40 or 1.5 is not an int32)."""
+    pack = _codec(dt)[0]
+    if pack is not None and type(x) in (int, float, bool) and (type(x) is not float or dt.kind == "f"):
+        try:
+            return pack(x)  # type: ignore[no-any-return]
+        except (struct.error, OverflowError):
+            pass  # out of range: numpy says why, or rounds to inf as the batches do
+    a = _exact(x, dt, what)
+    if a.ndim:
+        raise TypeError(f"one {what} of dtype {dt} expected, got an array of shape {a.shape}")
+    return a.tobytes()  # type: ignore[no-any-return]
+
+
 class TypedMap(Map):
     """A :class:`~shmgrid.Map` of fixed-width keys and values (numpy
     dtypes). Every Map method works; keys and values convert as the module
@@ -120,22 +136,10 @@ class TypedMap(Map):
     __slots__ = ()
 
     def _k(self, key: Any) -> bytes:
-        pack = _codec(self._kdt)[0]
-        if pack is not None and type(key) in (int, float, bool):
-            try:
-                return pack(key)  # type: ignore[no-any-return]
-            except struct.error:
-                pass  # out of range, or a float for an int dtype: numpy says why
-        a = _exact(key, self._kdt, "key")  # as the batch calls convert: 2**40 or 1.5 is not an int32 key
-        if a.ndim:
-            raise TypeError(f"one key of dtype {self._kdt} expected, got an array of shape {a.shape}")
-        return a.tobytes()  # type: ignore[no-any-return]
+        return _scalar(key, self._kdt, "key")
 
     def _v(self, value: Any) -> bytes:
-        a = _exact(value, self._vdt, "value")
-        if a.ndim:
-            raise TypeError(f"one value of dtype {self._vdt} expected, got an array of shape {a.shape}")
-        return a.tobytes()
+        return _scalar(value, self._vdt, "value")
 
     def _out(self, raw: bytes) -> Any:
         if len(raw) != self._vdt.itemsize:  # stored past the type through the C API or a raw() handle
