@@ -301,11 +301,16 @@ def test_closing_the_grid_ends_awaits_with_closed(grid_name):
     g = shmgrid.Grid.create(grid_name, size="16MiB")
     r = g.ring("r", slots=4, slot_size=8)
     lk = g.lock("l")
-    def hold():
+    released = []
+
+    def hold():  # (an assertion failing in a thread would only warn: record, check after join)
         lk.acquire()
         time.sleep(0.3)
-        with pytest.raises(Closed):
+        try:
             lk.release()  # the grid is gone by then
+            released.append("released")
+        except Closed:
+            released.append("Closed")
 
     holder = threading.Thread(target=hold)
 
@@ -323,6 +328,23 @@ def test_closing_the_grid_ends_awaits_with_closed(grid_name):
 
     run(main())
     holder.join()
+    assert released == ["Closed"]
+
+
+def test_a_blocking_acquire_in_the_loop_thread_while_a_task_holds_the_lock_is_deadlock(grid):
+    """README: the lock belongs to the loop's thread, so a blocking acquire
+    there while a task of the loop holds it would wait on itself."""
+    lk = grid.lock("l")
+
+    async def main():
+        assert await lk.acquire_async()
+        with pytest.raises(shmgrid.Deadlock):
+            lk.acquire(timeout=0)
+        lk.release()
+
+    run(main())
+    assert lk.acquire(timeout=0)
+    lk.release()
 
 
 # ---- waiter thread limits ------------------------------------------------------

@@ -949,3 +949,44 @@ def test_the_owner_bridge_repairs_a_damaged_mirror_descriptor(tmp_path, monkeypa
         assert c.status("a")["host"] == "a"  # its loop still answers
     finally:
         c.close()
+
+
+def _bridge(tmp_path, **cfg):
+    from shmgrid.bridge.config import parse
+
+    (tmp_path / "k").write_bytes(b"s" * 20)
+    base = {"name": "a", "grid": "g", "secret_file": "k", "hosts": {"a": "127.0.0.1:1", "b": "127.0.0.1:2"},
+            "maps": {"m": {"partitions": 2}}, **cfg}
+    return daemon.Bridge(parse(base, str(tmp_path / "c.toml")))
+
+
+def test_remembered_answers_are_capped_by_bytes_and_kept_by_age(tmp_path, monkeypatch):
+    """README: answers kept at least two minutes (longer with a larger
+    timeout) and up to DEDUP_BYTES; past the cap the oldest go first, and
+    the early forgetting is counted."""
+    b = _bridge(tmp_path, timeout=20.0)
+    assert b._dedup_seconds >= 120 and b._dedup_seconds >= 2 * 20 + 10
+    monkeypatch.setattr(daemon, "DEDUP_BYTES", 10_000)
+    for i in range(100):
+        b._remember("id%03d" % i, {"ok": True, "version": i})
+    assert "id099" in b._done and "id000" not in b._done
+    assert b._done_bytes <= 10_000 and len(b._done) == b._done_bytes // (200 + 5)
+    assert b.metrics.c["remote_write_ids_forgotten_early_total"] == 100 - len(b._done)
+    assert b._apply_owned("b", {"id": "id099", "map": "m", "op": "put"}) == {"ok": True, "version": 99}
+    b._pool.shutdown()
+
+
+def test_warnings_are_throttled_per_kind(caplog):
+    """README: at most 10 lines per 10 s per kind, then one line saying how
+    many were left out."""
+    t = daemon._Throttle(burst=10, period=10.0)
+    with caplog.at_level("WARNING", logger="shmgrid.bridge"):
+        for i in range(50):
+            t.warning("flood", "bad peer %d", i)
+        t.warning("other", "another kind")
+        t.state["flood"][0] -= 11  # the window has passed
+        t.warning("flood", "after")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:10] == ["bad peer %d" % i for i in range(10)]
+    assert lines[10] == "another kind"
+    assert "40 more flood messages were not logged" in lines[11] and lines[12] == "after"

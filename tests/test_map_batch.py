@@ -17,6 +17,7 @@ import os
 import signal
 import struct
 import time
+import warnings
 
 import hypothesis.strategies as st
 import pytest
@@ -539,3 +540,41 @@ def test_recorded_dtypes_are_checked_when_read_back(grid):
         lib.sg_map_free(out[0])
         with pytest.raises(shmgrid.CorruptSegment):
             grid.map(name)
+
+
+def test_put_many_past_max_capacity_fails_those_elements_only(grid):
+    """README: put_many reports CapacityError per element, like incr_many's
+    errors: the keys that fit are stored, e.failed names the others."""
+    m = grid.map("full", capacity=4, max_capacity=4, max_key=8, max_value=8)
+    keys = [b"k%d" % i for i in range(8)]
+    with pytest.raises(shmgrid.CapacityError) as e:
+        m.put_many(keys, [b"v"] * 8)
+    failed = e.value.failed
+    assert failed and failed == list(range(8 - len(failed), 8))  # in order: the ones past the room
+    assert list(e.value.results) == [1] * (8 - len(failed)) + [0] * len(failed)
+    assert sorted(m.keys()) == sorted(keys[:8 - len(failed)])
+
+
+@pytest.mark.parametrize("kdt, vdt, values", [
+    ("f4", "f4", [0.0, -0.0, 1e100, -1e100, 1.5, 2**40]),
+    ("i4", "f8", [0, -1, 2**31 - 1, 7.0]),
+])
+def test_single_calls_convert_as_batches_do(grid, kdt, vdt, values):
+    """README: the single calls convert keys and values the same way the
+    batch calls do (0.0 and -0.0 are two keys; 1e100 is inf in a float32)."""
+    a = grid.map("single", key_dtype=kdt, value_dtype=vdt)
+    b = grid.map("batch", key_dtype=kdt, value_dtype=vdt)
+    with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 1e100 overflows a float32 to inf, as numpy says
+        for v in values:
+            a[v] = v
+        b.put_many(values, values)
+    assert sorted(a.raw().items()) == sorted(b.raw().items())
+    if kdt == "f4":
+        assert len(a) == len(values)  # 0.0 and -0.0: two keys; 1e100 and -1e100: +inf and -inf
+    for bad in (2**40, 1.5):
+        if kdt == "i4":
+            with pytest.raises(shmgrid.InvalidArgument):
+                a[bad] = 1
+            with pytest.raises(shmgrid.InvalidArgument):
+                b.put_many([bad], [1])

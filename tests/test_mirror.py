@@ -107,7 +107,17 @@ def test_reset_forgets_the_partitions_tombstones_included(two_grids):
     mirror.apply_records(B, b"".join(mirror.snapshot(A, mirror.PartitionMask(1, [0]))))
     gone = mirror.PartitionMask(4, [1, 3])
     in_gone = {k for k in keys if mirror.partition_of(k, 4) in gone}
+    w = B.watch()
     assert mirror.reset_partitions(B, gone) == len(in_gone)  # the 30 tombstones too
+    seen = []
+    while True:  # README: watchers see each forgotten key as a delete at version 0
+        try:
+            seen.append(w.get(0))
+        except shmgrid.Empty:
+            break
+    assert {(e.kind, e.key, e.version) for e in seen} == {("delete", k, 0) for k in in_gone}
+    assert len(seen) == len(in_gone)
+    w.close()
     assert mirror.reset_partitions(B, gone) == 0  # nothing left to forget
     assert B.validate()["tombstones"] >= len(in_gone)  # version-0 tombstones are not damage
     assert set(B.keys()) == {k for k in keys[30:] if k not in in_gone}
