@@ -52,7 +52,8 @@ records per frame; the owner's ChangeStream.next calls (how many came back
 empty, their CPU) and the gap between one call's return and the next call
 (the executor hop, framing and the socket write); for the lag keys, the age
 of a frame's oldest record when a's next() returned it and when b applied
-it; resyncs, and b's time in snapshot bookkeeping (SeenKeys.add, prune); the
+it; resyncs, and b's time in snapshot bookkeeping (prune; the snapshot's
+key hashes come out of the apply itself); the
 part of a remote write b's bridge spent after its mirror had the record;
 the collector's pauses in the bridges; and the CPU other processes used
 meanwhile. The counters come from a thin wrapper that runs the bridge's own
@@ -232,7 +233,7 @@ BUCKETS = (0.25e-3, 1e-3, 5e-3, 20e-3)
 HISTS = ("gap", "age_shipped", "age_applied")
 KEYS = ("bench_next_calls", "bench_next_empty", "bench_next_wall", "bench_next_cpu", "bench_next_bytes",
         "bench_gap_seconds", "bench_apply_frames", "bench_apply_records", "bench_apply_seconds",
-        "bench_age_shipped_seconds", "bench_age_applied_seconds", "bench_keys_of_seconds", "bench_prune_seconds",
+        "bench_age_shipped_seconds", "bench_age_applied_seconds", "bench_prune_seconds",
         "bench_rw_count", "bench_rw_seconds", "bench_rw_after_apply_seconds", "bench_gc_over_1ms",
         "bench_gc_over_5ms") + tuple(f"bench_gc{g}_{k}" for g in range(3) for k in ("count", "seconds")) + tuple(
         f"bench_{h}_le{i}" for h in HISTS for i in range(len(BUCKETS) + 1))
@@ -309,14 +310,14 @@ def next_(self, timeout=None):
 mirror.ChangeStream.next = next_
 
 LAST_APPLY = [0.0]
-def apply_(m, records, mask=None):
+def apply_(m, records, mask=None, seen=None):
     c = M[0].c
     a = age(records, mono())
     if a is not None:
         c["bench_age_applied_seconds"] += a
         bucket(c, "age_applied", a)
     t0 = pc()
-    r = _apply(m, records, mask)
+    r = _apply(m, records, mask, seen)
     LAST_APPLY[0] = t1 = pc()
     c["bench_apply_seconds"] += t1 - t0
     c["bench_apply_frames"] += 1
@@ -332,7 +333,6 @@ def timed(name, fn):
         finally:
             M[0].c[name] += pc() - t0
     return wrapper
-mirror.SeenKeys.add = timed("bench_keys_of_seconds", mirror.SeenKeys.add)  # mirror: keys of each snapshot chunk
 mirror.prune = timed("bench_prune_seconds", mirror.prune)  # mirror: after each snapshot (a pool thread)
 
 _rw = daemon.Bridge._remote_write
@@ -1426,8 +1426,6 @@ def print_internals(res: Dict[str, Any], f: Dict[str, Dict[str, Dict[str, Any]]]
         snaps = t.get("counters.a_snapshots_sent_total")
         if snaps and "counters.b_bench_prune_seconds" in t:
             print(f"{m}: {snaps:.0f} snapshot(s) sent by a; b spent "
-                  f"{t.get('counters.b_bench_keys_of_seconds', 0):.2f} s "
-                  f"hashing snapshot keys (SeenKeys.add, on the loop) and "
                   f"{t.get('counters.b_bench_prune_seconds', 0):.2f} s in prune (in a pool thread); "
                   f"{t.get('cpu.b_main', 0):.2f} s of loop CPU")
     t = s.get("rtt", {})

@@ -1439,22 +1439,6 @@ int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask)
     return sg__walk_mask(m, nparts, mask, 1, sg__reset_one, NULL);
 }
 
-int64_t sg_records_hashes(const char *buf, size_t len, uint64_t *out, size_t cap)
-{
-    size_t off = 0, n = 0;
-    while (off < len) {
-        sg_record_hdr h;
-        if (len - off < SG_RECORD_HDR || n == cap)
-            return sg__fail(SG_EINVAL, "records: truncated, or more than %zu of them", cap);
-        memcpy(&h, buf + off, sizeof h);
-        if (len - off - SG_RECORD_HDR < (size_t)h.klen + h.vlen)
-            return sg__fail(SG_EINVAL, "record %zu: truncated body", n);
-        out[n++] = sg_hash64(buf + off + SG_RECORD_HDR, h.klen);
-        off += SG_RECORD_HDR + h.klen + h.vlen;
-    }
-    return (int64_t)n;
-}
-
 static int sg__cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -1485,34 +1469,64 @@ int64_t sg_map_prune(sg_map *m, uint32_t nparts, const uint8_t *mask, uint64_t f
     return sg__walk_mask(m, nparts, mask, 0, sg__prune_one, &ctx);
 }
 
+#define SG_APPLY_CHUNK 256u /* records per sg__enter / sg__exit */
+
 int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,
-                             uint64_t *applied)
+                             uint64_t *applied, uint64_t *hashes)
 {
+    if (!m->g->base)
+        return sg__fail(SG_ECLOSED, "map used after its grid was closed");
     size_t off = 0;
     int64_t n = 0;
+    int rc = SG_OK, entered = 0;
     *applied = 0;
+    /* One pass: each header is checked once, each key hashed once, and the
+     * epoch entered once per chunk (as the batch calls do); the checks
+     * sg_map_apply would repeat are the ones made here. */
     while (off < len) {
-        if (len - off < SG_RECORD_HDR)
-            return sg__fail(SG_EINVAL, "record %lld: truncated header (%zu bytes left)", (long long)n, len - off);
+        if (len - off < SG_RECORD_HDR) {
+            rc = sg__fail(SG_EINVAL, "record %lld: truncated header (%zu bytes left)", (long long)n, len - off);
+            break;
+        }
         sg_record_hdr h;
         memcpy(&h, buf + off, sizeof h);
         if (h.flags > 1 || h.reserved || h.klen > m->max_key || h.vlen > m->max_value ||
-            (h.flags && h.vlen) || h.version == 0 || h.version >= SG_FEED_DELETE)
-            return sg__fail(SG_EINVAL, "record %lld: bad header (klen %u, vlen %u, flags %u, version %llu)",
-                            (long long)n, h.klen, h.vlen, h.flags, (unsigned long long)h.version);
-        if (len - off - SG_RECORD_HDR < (size_t)h.klen + h.vlen)
-            return sg__fail(SG_EINVAL, "record %lld: truncated body", (long long)n);
+            (h.flags && h.vlen) || h.version == 0 || h.version >= SG_FEED_DELETE) {
+            rc = sg__fail(SG_EINVAL, "record %lld: bad header (klen %u, vlen %u, flags %u, version %llu)",
+                          (long long)n, h.klen, h.vlen, h.flags, (unsigned long long)h.version);
+            break;
+        }
+        if (len - off - SG_RECORD_HDR < (size_t)h.klen + h.vlen) {
+            rc = sg__fail(SG_EINVAL, "record %lld: truncated body", (long long)n);
+            break;
+        }
         const char *key = buf + off + SG_RECORD_HDR;
-        if (!sg__in_mask(sg_hash64(key, h.klen), nparts, mask))
-            return sg__fail(SG_EINVAL, "record %lld: key of a partition the sender does not own", (long long)n);
-        int rc = sg_map_apply(m, key, h.klen, key + h.klen, h.vlen, h.version, h.flags);
+        uint64_t hash = sg_hash64(key, h.klen);
+        if (!sg__in_mask(hash, nparts, mask)) {
+            rc = sg__fail(SG_EINVAL, "record %lld: key of a partition the sender does not own", (long long)n);
+            break;
+        }
+        if (!entered && (rc = sg__enter(m)) != SG_OK)
+            break;
+        entered++;
+        sg__update u = {.op = OP_APPLY, .val = key + h.klen, .vlen = h.vlen, .expected_version = h.version,
+                        .tombstone = h.flags};
+        rc = sg__apply_in(m, key, h.klen, hash, &u);
         if (rc < 0)
-            return rc;
+            break;
         *applied += rc == SG_OK;
+        if (hashes)
+            hashes[n] = hash;
         off += SG_RECORD_HDR + h.klen + h.vlen;
         n++;
+        if (entered == SG_APPLY_CHUNK) {
+            sg__exit(m);
+            entered = 0;
+        }
     }
-    return n;
+    if (entered)
+        sg__exit(m);
+    return rc < 0 ? rc : n;
 }
 
 /* ---- open / create ------------------------------------------------------ */

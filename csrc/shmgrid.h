@@ -417,9 +417,6 @@ int sg_map_apply(sg_map *m, const char *key, size_t klen, const char *val, size_
  * while nothing else writes those partitions (on a mirror, only its bridge
  * does). The number of keys reset, or a negative error. */
 int64_t sg_map_reset_partitions(sg_map *m, uint32_t nparts, const uint8_t *mask);
-/* The hash of each key of a buffer of records, into out (cap entries):
- * their number, or SG_EINVAL for a malformed buffer. */
-int64_t sg_records_hashes(const char *buf, size_t len, uint64_t *out, size_t cap);
 /* After a snapshot: delete (a tombstone just above the version held) each
  * present key of the mask's partitions whose hash is not among seen (the
  * keys the snapshot carried; sorted in place) and whose version is below
@@ -439,9 +436,11 @@ uint64_t sg_map_version_floor(sg_map *m);
 /* Apply a buffer of records whose keys must all be in the partitions of
  * mask (nparts 0: any). Returns the records parsed (*applied of them were
  * newer), or SG_EINVAL naming the first malformed record (those before it
- * are applied). */
+ * are applied). hashes: NULL, or room for len / SG_RECORD_HDR entries that
+ * receive the hash of each record's key, in order (a mirror gathers the
+ * keys a snapshot carried, for sg_map_prune). */
 int64_t sg_map_apply_records(sg_map *m, const char *buf, size_t len, uint32_t nparts, const uint8_t *mask,
-                             uint64_t *applied);
+                             uint64_t *applied, uint64_t *hashes);
 /* Continue a walk, writing the keys of the partitions in mask, tombstones
  * included, as records into out. Returns the bytes written (0: the walk is
  * over); cap must hold one record of max_key + max_value bytes at least. */

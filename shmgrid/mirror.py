@@ -140,17 +140,22 @@ class ChangeStream:
         return recs, lost
 
 
-def apply_records(m: Any, records: bytes, mask: Optional[PartitionMask] = None) -> Tuple[int, int]:
+def apply_records(m: Any, records: bytes, mask: Optional[PartitionMask] = None,
+                  seen: Optional["SeenKeys"] = None) -> Tuple[int, int]:
     """Apply a buffer of records to mirror map ``m``: (records, applied).
     Every key must be in ``mask`` (the partitions the sender owns); a
     malformed buffer or a foreign key raises InvalidArgument naming the
-    record (those before it are applied, which is harmless)."""
+    record (those before it are applied, which is harmless). ``seen``
+    (during a snapshot) gathers the hashes of the keys, in the same pass."""
     applied = ffi.new("uint64_t *")
     nparts = mask.partitions if mask is not None else 0
     cmask = mask.c if mask is not None else ffi.NULL
-    n = lib.sg_map_apply_records(m._h, records, len(records), nparts, cmask, applied)
+    out = seen.room(len(records)) if seen is not None else ffi.NULL
+    n = lib.sg_map_apply_records(m._h, records, len(records), nparts, cmask, applied, out)
     if n < 0:
         raise_for(n)
+    if seen is not None:
+        seen.n += n
     return n, applied[0]
 
 
@@ -167,23 +172,21 @@ def reset_partitions(m: Any, mask: PartitionMask) -> int:
 
 
 class SeenKeys:
-    """The hashes of the keys a snapshot carried, gathered in C a buffer at
-    a time, for :func:`prune`."""
+    """The hashes of the keys a snapshot carried, written by
+    :func:`apply_records` as it applies them, for :func:`prune`."""
 
     def __init__(self) -> None:
         self.buf = ffi.new("uint64_t[]", 4096)
         self.n = 0
 
-    def add(self, records: bytes) -> None:
-        room = len(records) // lib.SG_RECORD_HDR  # records are at least a header each
-        if self.n + room > len(self.buf):
-            new = ffi.new("uint64_t[]", max(2 * len(self.buf), self.n + room))
+    def room(self, nbytes: int) -> Any:
+        """Where the hashes of a buffer of ``nbytes`` of records go."""
+        need = self.n + nbytes // lib.SG_RECORD_HDR  # records are at least a header each
+        if need > len(self.buf):
+            new = ffi.new("uint64_t[]", max(2 * len(self.buf), need))
             ffi.memmove(new, self.buf, self.n * 8)
             self.buf = new
-        k = lib.sg_records_hashes(records, len(records), self.buf + self.n, len(self.buf) - self.n)
-        if k < 0:
-            raise_for(k)
-        self.n += k
+        return self.buf + self.n
 
 
 def prune(m: Any, mask: PartitionMask, seen: SeenKeys, floor: int) -> int:

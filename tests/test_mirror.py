@@ -153,8 +153,7 @@ def test_prune_deletes_what_a_snapshot_no_longer_carries(two_grids):
     B.put(b"newer", b"y")
     seen = mirror.SeenKeys()
     for buf in mirror.snapshot(A, everything):
-        mirror.apply_records(B, buf)
-        seen.add(buf)
+        mirror.apply_records(B, buf, everything, seen)
     assert seen.n == 400
     assert mirror.prune(B, everything, seen, floor) == 100
     assert set(B.keys()) == set(keys[100:]) | {b"newer"}

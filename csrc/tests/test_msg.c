@@ -357,11 +357,13 @@ static void test_records(sg_grid *g)
         char *copy = malloc((size_t)cut); /* exactly cut bytes: ASan flags any read past them */
         if (cut)
             memcpy(copy, buf, (size_t)cut);
-        int64_t n = sg_map_apply_records(b, copy, (size_t)cut, 0, NULL, &applied);
+        int64_t n = sg_map_apply_records(b, copy, (size_t)cut, 0, NULL, &applied, NULL);
         CHECK(cut == 0 || ends[cut] ? n == whole : n == SG_EINVAL);
         free(copy);
     }
-    CHECK(sg_map_apply_records(b, buf, (size_t)len, 0, NULL, &applied) == 40);
+    static uint64_t hashes[(1 << 16) / SG_RECORD_HDR];
+    CHECK(sg_map_apply_records(b, buf, (size_t)len, 0, NULL, &applied, hashes) == 40);
+    CHECK(hashes[0] == sg_hash64(buf + SG_RECORD_HDR, ((sg_record_hdr *)(void *)buf)->klen));
     uint64_t va, vb;
     char v[16];
     CHECK(sg_map_get(a, "key3", 4, v, sizeof v, &va) == SG_ENOKEY && sg_map_get(b, "key3", 4, v, sizeof v, &vb) ==

@@ -443,7 +443,7 @@ class Bridge:
                 name, sent, cursor, recs = split_records(payload)
                 if name not in masks:
                     raise ProtocolError(f"records for map {name!r}, which {owner} does not ship to us")
-                n, applied = mirror.apply_records(self.maps[name], recs, masks[name])
+                n, applied = mirror.apply_records(self.maps[name], recs, masks[name], snap.get(name))
                 self._applied[name].set()  # remote writes waiting to see their version here
                 where = self._resume.get(owner, {}).get(name)
                 if where is not None and name not in snap:
@@ -455,8 +455,6 @@ class Bridge:
                 self.metrics.set("replication_lag_seconds", lag, peer=owner, map=name)
                 self.metrics.add("replication_lag_seconds_sum", lag, peer=owner, map=name)
                 self.metrics.add("replication_lag_seconds_count", 1, peer=owner, map=name)
-                if name in snap:
-                    snap[name].add(recs)
             elif kind == T.SNAP_BEGIN:
                 begin = json.loads(payload)
                 name = begin["map"]
