@@ -140,14 +140,16 @@ static inline void sg__pipe_fill(sg__pipe *p, size_t i)
     }
 }
 
-/* Start a pipeline at element `from` (key position pos). */
+/* Start a pipeline at element `from` (key position pos); its slots are
+ * set per epoch section (they are the head table's, valid inside it). */
 static void sg__pipe_start(sg__pipe *p, sg_map *m, const sg__keys *k, sg__kpos pos)
 {
     p->m = m;
     p->k = k;
     p->hashed = pos;
     p->peeked = pos.i;
-    sg__map_slots(m, &p->slots, &p->mask);
+    p->slots = NULL;
+    p->mask = 0;
 }
 
 /* ---- the batch loop ---------------------------------------------------------- */
@@ -188,12 +190,19 @@ static int64_t sg__run(sg_map *m, sg__batch *b)
     sg__kpos kp = {0, 0}, vp = {0, 0};
     size_t outoff = 0;
     sg__pipe pipe;
+    sg__pipe_start(&pipe, m, &b->keys, kp);
     for (size_t i = 0; i < n;) {
         rc = sg__enter(m);
         if (rc)
             return rc;
-        sg__pipe_start(&pipe, m, &b->keys, kp);
-        sg__tab head = {0}; /* the head table, checked once for this sg__enter (gets) */
+        /* the head table, checked once for this sg__enter: the gets start
+         * from it and the pipeline prefetches its slots (damaged: none,
+         * and the first get reports it) */
+        sg__tab head;
+        if (sg__head(m, &head))
+            head = (sg__tab){0};
+        pipe.slots = head.slots;
+        pipe.mask = head.mask;
         /* SYNC POINT: mirror-desc (acquire, in sg__mirror): once per chunk */
         const sg_mirror_desc *mirror = b->op == BOP_GET ? NULL : sg__mirror(m);
         size_t end = n - i > SG_BATCH_CHUNK ? i + SG_BATCH_CHUNK : n;

@@ -82,7 +82,7 @@ static int sg__tab_at(sg_map *m, uint64_t off, sg__tab *t)
 
 /* The oldest table in use. SYNC POINT: epoch (load): seq_cst, so it is
  * ordered after this process's announcement in sg__enter. */
-static int sg__head(sg_map *m, sg__tab *t) { return sg__tab_at(m, sg_load_seq_cst(&m->hdr->table), t); }
+int sg__head(sg_map *m, sg__tab *t) { return sg__tab_at(m, sg_load_seq_cst(&m->hdr->table), t); }
 
 /* The table t migrates to: SG_OK, or SG_NO if none. SYNC POINT:
  * table-publish (acquire): the next table was initialized before its CAS. */
@@ -1144,17 +1144,6 @@ int64_t sg_map_get(sg_map *m, const char *key, size_t klen, char *out, size_t ca
     return n;
 }
 
-void sg__map_slots(sg_map *m, const sg_slot **slots, uint64_t *mask)
-{
-    sg__tab t;
-    if (sg__head(m, &t)) {
-        *slots = NULL;
-        *mask = 0;
-        return;
-    }
-    *slots = t.slots;
-    *mask = t.mask;
-}
 
 int64_t sg_map_len(sg_map *m)
 {

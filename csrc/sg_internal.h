@@ -43,9 +43,6 @@ void sg__exit(sg_map *m);
  * and one with partitions 0 if it is damaged (then every write is refused
  * here and goes through the bridge). */
 const sg_mirror_desc *sg__mirror(sg_map *m);
-/* The slots of the map's oldest table in use (NULL if damaged), for
- * prefetching only: the steps below find keys by the full protocol. */
-void sg__map_slots(sg_map *m, const sg_slot **slots, uint64_t *mask);
 /* A map table, located and checked (sg__tab_at in map.c): the table block
  * at `off` and what its immutable header gives. */
 typedef struct sg__tab {
@@ -57,6 +54,9 @@ typedef struct sg__tab {
     uint64_t nchunks;
     uint64_t *bitmap; /* one bit per chunk: every slot in it is final */
 } sg__tab;
+/* The map's oldest table in use, located and checked (inside sg__enter:
+ * it stays valid until sg__exit). */
+int sg__head(sg_map *m, sg__tab *t);
 /* Single-key steps, called inside sg__enter with the lengths and the key's
  * partition checked and its hash given; same results as sg_map_get,
  * sg_map_put, sg_map_delete (no copy of the old value), sg_map_incr.
