@@ -173,9 +173,8 @@ static int64_t sg__watch_step(void *ctx, int recover)
         }
         if (s > SG_FEED_PUB(c)) {
             /* A later lap took the record: go to the oldest one that may
-             * still hold its change (the tail may lag the seq we saw). */
-            uint64_t tail = sg_load_acquire(&m->feed->tail), p = (s >> 2) + 1;
-            return sg__watch_lost(w, op->ev, (tail > p ? tail : p) - m->feed_slots);
+             * still hold its change. */
+            return sg__watch_lost(w, op->ev, sg__lap_restart(sg_load_acquire(&m->feed->tail), s, m->feed_slots));
         }
         if (sg_load_acquire(&m->feed->tail) <= c)
             return SG__EMPTY;

@@ -178,6 +178,16 @@ static inline int sg__in_mask(uint64_t hash, uint32_t nparts, const uint8_t *mas
     return (mask[p / 8] >> (p % 8)) & 1;
 }
 
+/* A reader of a seq-per-cell ring (topic, change feed) found its cell taken
+ * by a later lap (the cell's seq is `seq`, encoding position seq >> 2): the
+ * oldest position that may still hold its entry. The ring's tail may lag
+ * the seq we saw, so the later of the two counts. */
+static inline uint64_t sg__lap_restart(uint64_t tail, uint64_t seq, uint64_t cap)
+{
+    uint64_t p = (seq >> 2) + 1;
+    return (tail > p ? tail : p) - cap;
+}
+
 /* Whether a key of this hash belongs to another host, by sg__mirror's answer. */
 static inline int sg__is_remote(const sg_mirror_desc *d, uint64_t hash)
 {
@@ -198,6 +208,9 @@ int sg__check_fork(sg_grid *g);
  * handle has a process slot; sg__claim_end clears the record and drops the
  * mutex. Between them: sg__claim_set before each claiming CAS. */
 int sg__claim_begin(sg_grid *g);
+/* The same checks without a claim: the handle has a process slot of its
+ * own (taken now in a forked child), for what records that slot's word. */
+int sg__own_slot(sg_grid *g, const char *what);
 void sg__claim_set(sg_grid *g, uint64_t claim, uint64_t lo, uint64_t hi);
 void sg__claim_end(sg_grid *g);
 /* 1 if a live process holds a claim `claim` covering position q. */

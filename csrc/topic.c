@@ -269,10 +269,9 @@ int sg_topic_publish(sg_topic *t, const char *data, size_t len, int64_t timeout_
 int sg_topic_subscribe(sg_topic *t, sg_sub **out)
 {
     SG_CHECK_GRID(t->g);
-    int rc = sg__claim_begin(t->g); /* takes our own slot in a forked child */
+    int rc = sg__own_slot(t->g, "subscribe"); /* a subscriber record names our slot's word */
     if (rc)
         return rc;
-    sg__claim_end(t->g);
     sg_sub *s = calloc(1, sizeof *s);
     if (!s)
         return sg__fail(SG_ENOMEM, "out of process memory");
@@ -372,8 +371,7 @@ static int64_t sg__sub_step(void *ctx, int recover)
             /* A later lap overwrote message c: it was claimed for c + cap at
              * least, so tail > c + cap. Go to the oldest message that may
              * still be there. */
-            uint64_t tail = sg_load_acquire(&t->hdr->tail), p = (s >> 2) + 1;
-            uint64_t nc = (tail > p ? tail : p) - t->cap; /* the tail may lag the seq we saw */
+            uint64_t nc = sg__lap_restart(sg_load_acquire(&t->hdr->tail), s, t->cap);
             *op->lost = nc - c;
             sg__sub_advance(sub, nc);
             return sg__fail(SG_ELAPPED, "subscriber was lapped: %llu messages lost", (unsigned long long)(nc - c));

@@ -82,15 +82,30 @@ uint64_t sg__thread_word(void)
 
 static sg_proc *sg__proc(sg_grid *g, uint32_t i) { return (sg_proc *)(g->base + SG_PROC_OFF) + i; }
 
-int sg__claim_begin(sg_grid *g)
+/* With the claim mutex held: our own slot (taken after a fork), or why not. */
+static int sg__slot_ready(sg_grid *g, const char *what)
 {
-    pthread_mutex_lock(&sg__claim_mutex);
     int rc = sg__check_fork(g);
     if (!rc && g->slot >= SG_PROC_SLOTS)
         rc = sg__fail(SG_EPROCFULL, "this process has no slot in the process table of grid '%s' (it was full "
-                                    "when it attached), so it cannot claim ring cells safely", g->name);
+                                    "when it attached), so it cannot %s safely", g->name, what);
+    return rc;
+}
+
+int sg__claim_begin(sg_grid *g)
+{
+    pthread_mutex_lock(&sg__claim_mutex);
+    int rc = sg__slot_ready(g, "claim ring cells");
     if (rc)
         pthread_mutex_unlock(&sg__claim_mutex);
+    return rc;
+}
+
+int sg__own_slot(sg_grid *g, const char *what)
+{
+    pthread_mutex_lock(&sg__claim_mutex);
+    int rc = sg__slot_ready(g, what);
+    pthread_mutex_unlock(&sg__claim_mutex);
     return rc;
 }
 
