@@ -66,7 +66,6 @@ status does not depend on the targets.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import multiprocessing
@@ -91,7 +90,7 @@ from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import shmgrid
-from benchcommon import OtherCpu, dist_version, host
+from benchcommon import OtherCpu, cycled, die_with_parent, dist_version, host, pct
 
 try:
     import redis
@@ -134,19 +133,11 @@ def value_pool() -> List[bytes]:
 
 # ---- processes, CPU ---------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux prctl), so that an
-    interrupted run leaves nothing behind."""
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
+MAIN_PID = os.getpid()
 
 
 def _preexec() -> None:  # for subprocess.Popen (servers): die with us, and not on the terminal's Ctrl-C
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(MAIN_PID)
     os.setsid()
 
 
@@ -195,10 +186,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pct(sorted_vals: Any, p: float) -> float:
-    return float(sorted_vals[min(len(sorted_vals) - 1, int(len(sorted_vals) * p / 100))])
 
 
 def lat_figures(lat_ns: Any) -> Dict[str, float]:
@@ -535,18 +522,14 @@ def _usage(ru0: Any) -> float:
     return ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
 
 
-def _cycled(items: List[Any], n: int) -> List[Any]:
-    return (items * (n // len(items) + 1))[:n]
-
-
 def shm_writer(grid: str, w: int, nw: int, n: int, rep: int, barrier: Any) -> Dict[str, Any]:
     """Throughput: put n updates as fast as it can, to this writer's share
     of the key space (cycled), then its marker."""
     pool = value_pool()
     mine = list(range(w, KEYSPACE, nw))
     allk = tput_keys()
-    keys = _cycled([allk[i] for i in mine], n)
-    vals = _cycled([pool[i % POOL] for i in mine], n)
+    keys = cycled([allk[i] for i in mine], n)
+    vals = cycled([pool[i % POOL] for i in mine], n)
     with shmgrid.Grid.attach(grid) as g:
         m = g.map(MAP)
         barrier.wait(timeout=CHILD_TIMEOUT)
@@ -860,8 +843,8 @@ def redis_round_trips(port: int, count: int, warm: int, barrier: Any) -> Dict[st
     return out
 
 
-def _child(fn: Callable[..., Any], args: Tuple[Any, ...], conn: Any, barrier: Any) -> None:
-    _die_with_parent()
+def _child(fn: Callable[..., Any], args: Tuple[Any, ...], conn: Any, barrier: Any, parent: int) -> None:
+    die_with_parent(parent)
     try:
         gc.disable()
         conn.send(("ok", fn(*args, barrier)))
@@ -882,7 +865,7 @@ def run_workers(jobs: List[Tuple[str, Callable[..., Any], Tuple[Any, ...]]],
     try:
         for name, fn, args in jobs:
             r, w = CTX.Pipe(duplex=False)
-            p = CTX.Process(target=_child, args=(fn, args, w, barrier), name=f"bench_bridge {name}", daemon=True)
+            p = CTX.Process(target=_child, args=(fn, args, w, barrier, os.getpid()), name=f"bench_bridge {name}", daemon=True)
             p.start()
             w.close()
             procs.append(p)
@@ -1263,6 +1246,16 @@ def _g(f: Dict[str, Any], k: str, fmt: str, scale: float = 1.0) -> str:
 def print_report(res: Dict[str, Any], f: Dict[str, Dict[str, Dict[str, Any]]], args: argparse.Namespace
                  ) -> List[Dict[str, Any]]:
     label = {"shmgrid": "shmgrid bridge", "redis": "Redis replica"}
+
+    def rows(measure: str, fmt: Callable[[Dict[str, Any]], str]) -> None:
+        """One row per system for a measure: its figures, or why it failed."""
+        for system in f:
+            t = f[system].get(measure, {})
+            if "error" in t:
+                print(f"{label[system]:16} FAILED: {t['error']}")
+            elif t:
+                print(f"{label[system]:16} {fmt(t)}")
+
     print(f"\nloopback, {PARTS} partitions all owned by a; 16-byte keys, {VALUE_BYTES}-byte values; "
           f"median of {args.reps} reps")
     if "throughput" in args.measure:
@@ -1270,54 +1263,38 @@ def print_report(res: Dict[str, Any], f: Dict[str, Dict[str, Dict[str, Any]]], a
               f"writer process(es); Redis: pipelined batches of {REDIS_BATCH} (pre-packed)")
         print(f"{'':16} {'replicated/s':>12} {'range':>6} {'written/s':>11} {'tail ms':>8} {'writer CPU s':>12} "
               f"{'resyncs':>7} {'shipped/updates':>15}  end by")
-        for s in f:
-            t = f[s].get("throughput", {})
-            if "error" in t:
-                print(f"{label[s]:16} FAILED: {t['error']}")
-            elif t:
-                print(f"{label[s]:16} {_g(t, 'updates_per_sec', '12,.0f')} "
-                      f"{_g(t, 'updates_per_sec_range', '5.0%')} {_g(t, 'written_per_sec', '11,.0f')} "
-                      f"{_g(t, 'tail_seconds', '8.1f', 1e3)} {_g(t, 'writer_cpu', '12.2f')} "
-                      f"{t.get('counters.a_resyncs_total', 0):7.0f} {shipped(t):>15}  {t.get('end_by')}")
+        rows("throughput", lambda t: (
+            f"{_g(t, 'updates_per_sec', '12,.0f')} {_g(t, 'updates_per_sec_range', '5.0%')} "
+            f"{_g(t, 'written_per_sec', '11,.0f')} {_g(t, 'tail_seconds', '8.1f', 1e3)} {_g(t, 'writer_cpu', '12.2f')} "
+            f"{t.get('counters.a_resyncs_total', 0):7.0f} {shipped(t):>15}  {t.get('end_by')}"))
     if "sustained" in args.measure:
         print(f"\n1b. sustained: {args.sustained_rate:,} updates/s offered (paced) for {args.sustained_seconds:g} s; "
               "kept up = the mirror/replica held everything within 100 ms of the last write, with no resync")
         print(f"{'':16} {'offered/s':>10} {'tail ms':>8} {'resyncs':>7} {'shipped/updates':>15}  kept up")
-        for s_ in f:
-            t = f[s_].get("sustained", {})
-            if "error" in t:
-                print(f"{label[s_]:16} FAILED: {t['error']}")
-            elif t:
-                print(f"{label[s_]:16} {_g(t, 'written_per_sec', '10,.0f')} {_g(t, 'tail_seconds', '8.1f', 1e3)} "
-                      f"{t.get('counters.a_resyncs_total', 0):7.0f} {shipped(t):>15}  {'yes' if kept_up(t) else 'NO'}")
+        rows("sustained", lambda t: (
+            f"{_g(t, 'written_per_sec', '10,.0f')} {_g(t, 'tail_seconds', '8.1f', 1e3)} "
+            f"{t.get('counters.a_resyncs_total', 0):7.0f} {shipped(t):>15}  {'yes' if kept_up(t) else 'NO'}"))
     if "lag" in args.measure:
         print(f"\n2. mirror lag at {args.lag_rate:,} updates/s offered for {args.lag_seconds:g} s (after 0.5 s "
               "untimed): now - time embedded by the writer, at the reader on b / the replica")
         print(f"{'':16} {'offered/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'mean ms':>8} "
               f"{'p99 rng':>7} {'seen':>8} {'lost':>6} {'stalls':>6}")
-        for s in f:
-            t = f[s].get("lag", {})
-            if "error" in t:
-                print(f"{label[s]:16} FAILED: {t['error']}")
-            elif t:
-                print(f"{label[s]:16} {_g(t, 'offered', '10,.0f')} {_g(t, 'p50_ms', '8.3f')} {_g(t, 'p99_ms', '8.3f')} "
-                      f"{_g(t, 'p999_ms', '9.3f')} {_g(t, 'max_ms', '8.2f')} {_g(t, 'mean_ms', '8.3f')} "
-                      f"{_g(t, 'p99_ms_range', '6.0%')} {_g(t, 'seen', '8.0f')} {_g(t, 'lost', '6.0f')} "
-                      f"{_g(t, 'stalls', '6.0f')}")
+        rows("lag", lambda t: (
+            f"{_g(t, 'offered', '10,.0f')} {_g(t, 'p50_ms', '8.3f')} {_g(t, 'p99_ms', '8.3f')} "
+            f"{_g(t, 'p999_ms', '9.3f')} {_g(t, 'max_ms', '8.2f')} {_g(t, 'mean_ms', '8.3f')} "
+            f"{_g(t, 'p99_ms_range', '6.0%')} {_g(t, 'seen', '8.0f')} {_g(t, 'lost', '6.0f')} "
+            f"{_g(t, 'stalls', '6.0f')}"))
     if "rtt" in args.measure:
         print(f"\n3. remote-write round trip, {args.round_trips:,} sequential writes: shmgrid put on b to a key a owns "
               "(returns when b's mirror holds it); Redis SET + WAIT 1 0 (pipelined)")
         print(f"{'':16} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'max ms':>8}")
-        for s in f:
-            t = f[s].get("rtt", {})
-            if "error" in t:
-                print(f"{label[s]:16} FAILED: {t['error']}")
-            elif t:
-                print(f"{label[s]:16} {_g(t, 'p50_ms', '8.0f', 1e3)} {_g(t, 'p99_ms', '8.0f', 1e3)} "
-                      f"{_g(t, 'mean_ms', '8.0f', 1e3)} {_g(t, 'max_ms', '8.2f')}")
-                if s == "redis" and "set_p50_ms" in t:
-                    print(f"{'  (SET alone)':16} {_g(t, 'set_p50_ms', '8.0f', 1e3)} {_g(t, 'set_p99_ms', '8.0f', 1e3)} "
-                          f"{_g(t, 'set_mean_ms', '8.0f', 1e3)} {_g(t, 'set_max_ms', '8.2f')}")
+        rows("rtt", lambda t: (
+            f"{_g(t, 'p50_ms', '8.0f', 1e3)} {_g(t, 'p99_ms', '8.0f', 1e3)} "
+            f"{_g(t, 'mean_ms', '8.0f', 1e3)} {_g(t, 'max_ms', '8.2f')}"))
+        t = f.get("redis", {}).get("rtt", {})
+        if "set_p50_ms" in t:
+            print(f"{'  (SET alone)':16} {_g(t, 'set_p50_ms', '8.0f', 1e3)} {_g(t, 'set_p99_ms', '8.0f', 1e3)} "
+                  f"{_g(t, 'set_mean_ms', '8.0f', 1e3)} {_g(t, 'set_max_ms', '8.2f')}")
     s, r = f.get("shmgrid", {}), f.get("redis", {})
     rows = [("replicated updates/s", "throughput", "updates_per_sec", True),
             ("tail after last write", "throughput", "tail_seconds", False),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import ctypes
 import gc
 import json
 import math
@@ -46,7 +45,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import shmgrid
-from benchcommon import OtherCpu, host
+from benchcommon import OtherCpu, die_with_parent, host
 from shmgrid._core import lib
 
 KEY_BYTES, VALUE_BYTES = 16, 32
@@ -292,19 +291,9 @@ def fill_latency(keys: List[bytes], values: List[bytes], capacity: int) -> Dict[
     }
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when its parent dies (Linux prctl), so that an
-    interrupted run leaves no child behind, even one forked as the parent
-    was being stopped."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the prctl
-        os._exit(1)
-
-
 def _child(m: Any, keys: List[bytes], values: List[bytes], lo: int, hi: int, barrier: Any, q: Any,
            parent: int) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)
     try:
         ks, vs = keys[lo:hi], values[lo:hi]  # touch the inherited objects before timing (copy-on-write)
         gc.disable()

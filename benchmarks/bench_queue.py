@@ -37,7 +37,6 @@ depend on the targets.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import multiprocessing
@@ -61,7 +60,7 @@ from itertools import repeat, starmap
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import shmgrid
-from benchcommon import OtherCpu, dist_version, host
+from benchcommon import OtherCpu, cycled, die_with_parent, dist_version, host, pct
 
 try:
     import faster_fifo
@@ -95,10 +94,6 @@ def message_pool() -> List[bytes]:
 
 
 REPLY = struct.pack("<Q", 2**64 - 1) + random.Random(SEED + 1).randbytes(MSG_BYTES - 8)
-
-
-def cycled(pool: List[bytes], n: int) -> List[bytes]:
-    return (pool * (n // len(pool) + 1))[:n]
 
 
 # ---- peers -----------------------------------------------------------------------
@@ -339,15 +334,6 @@ class Plan:
     batch: int
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when its parent dies (Linux prctl), so that an
-    interrupted run leaves no process behind."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the prctl
-        os._exit(1)
-
-
 def _work(plan: Plan, msgs: List[bytes]) -> List[Any]:
     """What the producer hands to its send loop: the messages, or batches of
     them (built before the clock starts)."""
@@ -452,7 +438,7 @@ ROLES = {"producer": producer, "consumer": consumer, "ping": ping, "pong": pong}
 
 
 def _child(peer_key: str, spec: Any, role: str, plan: Plan, conn: Any, barrier: Any, parent: int) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)
     ep = None
     try:
         ep = BY_KEY[peer_key].open(spec, role, plan.batch)
@@ -530,10 +516,6 @@ def _per(n: int, a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, float]:
     consumer or pong): CPU ns and voluntary context switches."""
     return {"cpu_ns_a": 1e9 * a["cpu"] / n, "cpu_ns_b": 1e9 * b["cpu"] / n,
             "vcsw_a": a["vcsw"] / n, "vcsw_b": b["vcsw"] / n, "ivcsw_a": a["ivcsw"] / n, "ivcsw_b": b["ivcsw"] / n}
-
-
-def pct(sorted_vals: List[int], p: float) -> float:
-    return float(sorted_vals[min(len(sorted_vals) - 1, int(len(sorted_vals) * p / 100))])
 
 
 # ---- one process: what a call costs without any IPC -------------------------------

@@ -2,12 +2,14 @@
 run, and a description of the machine and the build for the report."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import resource
+import signal
 import subprocess
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import shmgrid
 
@@ -70,3 +72,24 @@ def host() -> Dict[str, Any]:
         commit = ""
     return {"cpu": cpu, "cpus": os.cpu_count(), "virtualized": hyper, "kernel": platform.release(),
             "python": platform.python_version(), "shmgrid": shmgrid.__version__, "commit": commit}
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies (Linux prctl), so that an
+    interrupted run leaves no process behind. ``parent``: the parent's pid,
+    taken in the parent before the fork (read in the child, a parent that
+    died before the prctl would already read as 1 and go unnoticed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+def pct(sorted_vals: Any, p: float) -> float:
+    """The p-th percentile of already sorted values (nearest rank)."""
+    return float(sorted_vals[min(len(sorted_vals) - 1, int(len(sorted_vals) * p / 100))])
+
+
+def cycled(items: List[Any], n: int) -> List[Any]:
+    """n items, going round ``items`` as often as it takes."""
+    return (items * (n // len(items) + 1))[:n]
