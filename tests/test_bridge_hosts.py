@@ -123,6 +123,13 @@ max_value = 64
                         out[k] = max(out.get(k, 0), int(v))
         return out
 
+    def reconnects_to_b(self):
+        """How often a and c have lost their link to b and dialled it again."""
+        code = ("import json, urllib.request; c = json.load(urllib.request.urlopen("
+                "'http://127.0.0.1:9464/status', timeout=5))['counters']; "
+                "print(sum(v for k, v in c.items() if k.startswith('reconnects_total') and 'peer=\"b\"' in k))")
+        return sum(float(self.net[n].python(code)) for n in "ac")
+
     def logs(self):
         return "\n".join((self.dir / f"{n}.log").read_text()[-3000:] for n in self.net.hosts
                          if (self.dir / f"{n}.log").exists())
@@ -174,7 +181,14 @@ def fault_drop(c):
 def test_fault_then_heal_converges_with_every_acknowledged_write(cluster, fault):
     ws = cluster.writers(WRITE_SECONDS)
     time.sleep(1.5)
+    before = cluster.reconnects_to_b()
     fault(cluster)
+    # the fault did cut b off: a and c dialled it again (else this test
+    # would pass on convergence alone)
+    deadline = time.monotonic() + 10
+    while cluster.reconnects_to_b() <= before:
+        assert time.monotonic() < deadline, "the fault left every link to b up\n" + cluster.logs()
+        time.sleep(0.2)
     for w in ws:
         assert w.wait(WRITE_SECONDS + 30) == 0
     state = cluster.converged()
