@@ -122,6 +122,7 @@ struct sg__watch_op {
     char *kout;
     size_t kcap;
     sg_change *ev;
+    uint64_t hash; /* out: the key's hash, checked against the copied key */
 };
 
 static int64_t sg__watch_lost(sg_watch *w, sg_change *ev, uint64_t to)
@@ -163,6 +164,7 @@ static int64_t sg__watch_step(void *ctx, int recover)
                 return sg__watch_lost(w, op->ev, c + 1);
             w->cursor = c + 1;
             w->stuck_since = 0;
+            op->hash = hash;
             if (klen < w->plen || memcmp(op->kout, w->prefix, w->plen) != 0)
                 continue; /* not a key this watch asked for */
             op->ev->kind = ver & SG_FEED_DELETE ? SG_CHANGE_DELETE : SG_CHANGE_PUT;
@@ -196,18 +198,28 @@ static int sg__watch_ready(void *ctx)
 
 uint32_t *sg_watch_event(sg_watch *w) { return w->m->g->base ? &w->m->feed->published : NULL; }
 
-int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns)
+/* sg_watch_next, also giving the key's hash */
+static int sg__watch_take(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns, uint64_t *hash)
 {
     SG_CHECK_GRID(w->m->g);
-    struct sg__watch_op op = {w, kout, kcap, ev};
+    struct sg__watch_op op = {w, kout, kcap, ev, 0};
     sg__waiter wt = {
         .g = w->m->g, .obj = w->m->hdr->feed, .event = &w->m->feed->published, .spin = &w->spin,
         .step = sg__watch_step, .ready = sg__watch_ready, .ctx = &op,
         .what = "no change",
     };
     int64_t rc = sg__wait(&wt, timeout_ns);
+    *hash = op.hash;
     return rc > 0 ? SG_OK : (int)rc;
 }
+
+int sg_watch_next(sg_watch *w, char *kout, size_t kcap, sg_change *ev, int64_t timeout_ns)
+{
+    uint64_t hash = 0;
+    return sg__watch_take(w, kout, kcap, ev, timeout_ns, &hash);
+}
+
+#define SG_RECORDS_CHUNK 1024u /* keys read per sg__enter / sg__exit */
 
 int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, const uint8_t *mask, uint64_t *lost,
                          int64_t timeout_ns)
@@ -217,32 +229,63 @@ int64_t sg_watch_records(sg_watch *w, char *out, size_t cap, uint32_t nparts, co
     *lost = 0;
     if (cap < worst)
         return sg__fail(SG_EINVAL, "records buffer of %zu bytes is below one record of %zu", cap, worst);
+    /* The keys' states are read inside one epoch section per chunk, with
+     * the hash the feed step already checked; the section is left before
+     * any call that may sleep (only the first, while nothing was found). */
+    int64_t rc = 0;
+    unsigned entered = 0;
+    sg__tab head;
     while (cap - off >= worst) {
         char *rec = out + off, *key = rec + SG_RECORD_HDR;
         sg_change ev;
-        int rc = sg_watch_next(w, key, m->max_key, &ev, off == 0 && *lost == 0 ? timeout_ns : 0);
-        if (rc == SG_EAGAIN)
+        uint64_t hash = 0;
+        int64_t wait = off == 0 && *lost == 0 ? timeout_ns : 0;
+        if (wait && entered) {
+            sg__exit(m);
+            entered = 0;
+        }
+        rc = sg__watch_take(w, key, m->max_key, &ev, wait, &hash);
+        if (rc == SG_EAGAIN) {
+            rc = 0;
             break;
+        }
         if (rc < 0)
-            return off || *lost ? (int64_t)off : rc;
+            break;
         if (ev.kind == SG_CHANGE_LOST) {
             *lost += ev.lost;
             continue;
         }
-        if (!sg__in_mask(sg_hash64(key, ev.klen), nparts, mask))
+        if (!sg__in_mask(hash, nparts, mask))
             continue;
+        if (!entered) {
+            if ((rc = sg__enter(m)) != SG_OK)
+                break;
+            head = (sg__tab){0};
+        }
+        entered++;
         /* ship the key's state now (at least as new as the change) */
         uint64_t version = 0;
-        int64_t n = sg_map_get(m, key, ev.klen, key + ev.klen, m->max_value, &version);
+        int64_t n = sg__get_entered(m, &head, key, ev.klen, hash, key + ev.klen, m->max_value, &version);
+        if (entered == SG_RECORDS_CHUNK) {
+            sg__exit(m);
+            entered = 0;
+        }
         if (n == SG_ENOKEY && version == 0)
             continue;
-        if (n < 0 && n != SG_ENOKEY)
-            return n;
+        if (n < 0 && n != SG_ENOKEY) {
+            if (entered)
+                sg__exit(m);
+            return n; /* the map is damaged: say so, whatever was gathered */
+        }
         sg_record_hdr h = {.klen = (uint16_t)ev.klen, .flags = n < 0, .vlen = n < 0 ? 0 : (uint32_t)n,
                            .version = version};
         memcpy(rec, &h, sizeof h);
         off += SG_RECORD_HDR + ev.klen + h.vlen;
     }
+    if (entered)
+        sg__exit(m);
+    if (rc < 0) /* the feed or the epoch: what was gathered first, the error next time */
+        return off || *lost ? (int64_t)off : rc;
     if (off == 0 && *lost == 0)
         return sg__fail_const(SG_EAGAIN, "no change");
     return (int64_t)off;
