@@ -1222,8 +1222,8 @@ int sg_map_set_mirror(sg_map *m, uint32_t partitions, const uint8_t *local_mask)
 {
     if (!m->g->base)
         return sg__fail(SG_ECLOSED, "map used after its grid was closed");
-    if (partitions > 65536)
-        return sg__fail(SG_EINVAL, "partitions %u is over the limit of 65536", partitions);
+    if (partitions > SG_MAX_PARTITIONS)
+        return sg__fail(SG_EINVAL, "partitions %u is over the limit of %u", partitions, SG_MAX_PARTITIONS);
     uint64_t off = 0;
     if (partitions) {
         sg_mirror_desc *d;

@@ -397,6 +397,7 @@ int sg_watch_seek(sg_watch *w, uint64_t pos);
  *   a partition mask is a bitmap, bit p of byte p / 8.
  */
 #define SG_RECORD_HDR 16
+#define SG_MAX_PARTITIONS 65536 /* partitions of a mirrored map, at most */
 typedef struct sg_record_hdr {
     uint16_t klen;
     uint8_t flags;

@@ -35,8 +35,8 @@ class PartitionMask:
     """A set of partitions of a map split into ``partitions``, as the C bitmap."""
 
     def __init__(self, partitions: int, members: Iterable[int]) -> None:
-        if not 1 <= partitions <= 65536:
-            raise ValueError(f"partitions must be 1..65536, not {partitions}")
+        if not 1 <= partitions <= lib.SG_MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1..{lib.SG_MAX_PARTITIONS}, not {partitions}")
         self.partitions = partitions
         self.members = frozenset(members)
         bits = bytearray((partitions + 7) // 8)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._core import lib
 from ..errors import ShmgridError
 from ..grid import parse_size
 
@@ -18,7 +19,7 @@ else:  # pragma: no cover - Python 3.9/3.10
 
 __all__ = ["ConfigError", "MapConfig", "Config", "load", "parse"]
 
-MAX_PARTITIONS = 65536
+MAX_PARTITIONS = lib.SG_MAX_PARTITIONS
 
 
 class ConfigError(ShmgridError, ValueError):
@@ -49,12 +50,16 @@ class Config:
     maps: Dict[str, MapConfig]
     timeout: float = 2.0
     metrics: Optional[Tuple[str, int]] = None
-    peers: Tuple[str, ...] = field(default=())
     tls: Optional[Tuple[str, str, str]] = None  # (cert, key, ca) paths: mutual TLS between bridges
 
     @property
     def listen(self) -> Tuple[str, int]:
         return self.hosts[self.name]
+
+    @property
+    def peers(self) -> Tuple[str, ...]:
+        """The other hosts, in name order."""
+        return tuple(h for h in sorted(self.hosts) if h != self.name)
 
 
 _TOP = {"name", "grid", "grid_size", "secret_file", "metrics", "timeout", "hosts", "maps", "tls"}
@@ -151,7 +156,6 @@ def parse(data: Dict[str, Any], path: str = "<config>") -> Config:
         limits = {"capacity": 2**36, "max_key": 65535, "max_value": 8 << 20}
         kw = {k: _int(where(f"{w}.{k}"), m[k], 1, limits[k]) for k in limits if k in m}
         maps[str(mname)] = MapConfig(str(mname), parts, owner_t, **kw)
-    peers = tuple(h for h in order if h != name)
     tls = None
     if "tls" in data:
         t = data["tls"]
@@ -165,7 +169,7 @@ def parse(data: Dict[str, Any], path: str = "<config>") -> Config:
             paths.append(p)
         tls = (paths[0], paths[1], paths[2])
     return Config(path=path, name=name, grid=grid, grid_size=grid_size, secret=secret, hosts=hosts, maps=maps,
-                  timeout=float(timeout), metrics=metrics, peers=peers, tls=tls)
+                  timeout=float(timeout), metrics=metrics, tls=tls)
 
 
 def load(path: str) -> Config:
